@@ -1,0 +1,124 @@
+"""The generalized Gauss-Newton matrix as a matrix-free operator."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from lossgeom.curvature._base import ObjectiveOperator
+from lossgeom.objective import Objective
+
+__all__ = ["GGNOperator", "ggn"]
+
+
+class GGNOperator(ObjectiveOperator):
+    r"""The generalized Gauss-Newton matrix :math:`G = \frac1N \sum_b n_b J_b^T H_b J_b`.
+
+    :math:`J_b` is the Jacobian of the model's outputs on batch ``b`` with respect
+    to the parameters and :math:`H_b` the Hessian of the batch-mean loss with
+    respect to those outputs. For cross-entropy :math:`H_b` is
+    :math:`(\mathrm{diag}(p) - pp^T)/n_b` per sample, for MSE it is
+    :math:`2 I / (n_b k)` with ``k`` outputs per sample; both are computed by
+    automatic differentiation of ``loss_fn`` in the outputs, so any loss that is
+    twice differentiable in the outputs works. ``G`` is positive semi-definite when
+    the loss is convex in the outputs (cross-entropy, MSE). ``G`` equals the
+    Hessian minus the term with the model's second derivatives; it is exact for
+    models linear in their parameters.
+
+    Products use forward mode for :math:`J v` (with the objective's
+    ``hvp_backend``: a reverse-only path is used with ``"double-backward"``, or
+    when forward mode fails under ``"auto"``).
+    """
+
+    def __init__(self, objective: Objective, theta: Tensor | None = None):
+        super().__init__(objective, theta)
+        self.backend_used: str | None = (
+            "double-backward" if objective.hvp_backend == "double-backward" else None
+        )
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        obj = self.objective
+        if self.backend_used is None:
+            try:
+                out = obj.accumulate(
+                    lambda x, y: _ggn_forward(obj, self.theta, V, x, y),
+                    what="Gauss-Newton-vector product",
+                )
+                self.backend_used = "forward-over-reverse"
+            except (RuntimeError, NotImplementedError):
+                self.backend_used = "double-backward"
+                out = self._matmat(V)
+                obj.counters.ggn -= V.shape[1]  # counted by the recursive call
+        elif self.backend_used == "forward-over-reverse":
+            out = obj.accumulate(
+                lambda x, y: _ggn_forward(obj, self.theta, V, x, y),
+                what="Gauss-Newton-vector product",
+            )
+        else:
+            out = obj.accumulate(
+                lambda x, y: _ggn_reverse(obj, self.theta, V, x, y),
+                what="Gauss-Newton-vector product",
+            )
+        obj.counters.ggn += V.shape[1]
+        return out
+
+
+def _ggn_forward(obj: Objective, theta: Tensor, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def outputs(t: Tensor) -> Tensor:
+        return obj.model_fn(t, x)
+
+    out, pullback = vjp(outputs, theta)
+    out = out.detach()
+    loss_grad = grad(lambda o: obj.loss_fn(o, y))
+
+    def one(v: Tensor) -> Tensor:
+        jv = jvp(outputs, (theta,), (v,))[1]
+        hjv = jvp(loss_grad, (out,), (jv,))[1]
+        return pullback(hjv)[0]
+
+    if V.shape[1] == 1:
+        return one(V[:, 0]).unsqueeze(1)
+    return vmap(one, in_dims=1, out_dims=1)(V)
+
+
+def _ggn_reverse(obj: Objective, theta: Tensor, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """J^T H J V with reverse mode only: J v is the derivative of u -> (J^T u) . v."""
+    with torch.enable_grad():
+        t = theta.detach().requires_grad_(True)
+        out = obj.model_fn(t, x)
+        o = out.detach().requires_grad_(True)
+        (gl,) = torch.autograd.grad(obj.loss_fn(o, y), o, create_graph=True)
+        u = torch.zeros_like(out, requires_grad=True)
+        (jtu,) = torch.autograd.grad(out, t, u, create_graph=True)
+        cols = []
+        for j in range(V.shape[1]):
+            (jv,) = torch.autograd.grad(jtu, u, V[:, j], retain_graph=True)
+            if gl.requires_grad:
+                (hjv,) = torch.autograd.grad(gl, o, jv, retain_graph=True)
+            else:  # loss linear in the outputs
+                hjv = torch.zeros_like(out)
+            (col,) = torch.autograd.grad(out, t, hjv, retain_graph=True)
+            cols.append(col)
+    return torch.stack(cols, dim=1)
+
+
+def ggn(objective: Objective, theta: Tensor | None = None) -> GGNOperator:
+    """The generalized Gauss-Newton matrix of ``objective`` at ``theta``.
+
+    Args:
+        objective: the objective.
+        theta: parameters (default: the model's); copied.
+
+    Returns:
+        A symmetric positive semi-definite operator (for convex losses).
+
+    Example:
+        >>> import torch
+        >>> from lossgeom import Objective
+        >>> X = torch.randn(30, 2, dtype=torch.float64); y = X.sum(1, keepdim=True)
+        >>> obj = Objective(torch.nn.Linear(2, 1, bias=False).double(), torch.nn.MSELoss(), (X, y))
+        >>> torch.allclose(ggn(obj).to_dense(), 2 * X.T @ X / 30)  # linear model: G = H
+        True
+    """
+    return GGNOperator(objective, theta)

@@ -1,0 +1,142 @@
+"""The covariance of per-sample gradients as a matrix-free operator."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lossgeom.curvature._base import ObjectiveOperator
+from lossgeom.objective import Objective
+
+__all__ = ["GradientCovarianceOperator", "gradient_covariance"]
+
+# Keep the per-sample gradient matrix in memory when it is at most this big.
+_DEFAULT_CACHE_BYTES = 512 * 2**20
+
+
+class GradientCovarianceOperator(ObjectiveOperator):
+    r"""Covariance of per-sample gradients :math:`\Sigma = \frac{1}{N - \text{ddof}} \sum_i (g_i - \bar g)(g_i - \bar g)^T`.
+
+    :math:`g_i` is the gradient of sample ``i``'s loss and :math:`\bar g` the
+    full-data gradient. With ``centered=False`` it is the uncentred second moment
+    :math:`\frac1N\sum_i g_i g_i^T` (the empirical Fisher).
+
+    Per-sample gradients come from ``vmap`` over one batch at a time. When the
+    ``N x d`` matrix of (centred) per-sample gradients fits in ``cache_bytes`` it is
+    computed once and every product is two matrix multiplications; otherwise each
+    product recomputes them batch by batch. :math:`\bar g` is computed first, so
+    centring is exact (no cancellation from subtracting :math:`\bar g \bar g^T`).
+
+    Attributes:
+        mean_grad: :math:`\bar g`.
+        cached: whether the per-sample gradient matrix is held in memory.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        theta: Tensor | None = None,
+        *,
+        centered: bool = True,
+        ddof: int = 0,
+        cache_bytes: int | None = _DEFAULT_CACHE_BYTES,
+    ):
+        super().__init__(objective, theta)
+        if ddof not in (0, 1):
+            raise ValueError(f"ddof must be 0 (divide by N) or 1 (by N - 1); got {ddof!r}.")
+        self.centered = centered
+        self.ddof = ddof
+        n_total = objective.n_samples
+        if n_total - ddof < 1:
+            raise ValueError(
+                f"a covariance with ddof={ddof} needs more than {ddof} samples; the "
+                f"data has {n_total}."
+            )
+        self._denominator = n_total - ddof
+        self.mean_grad = (
+            objective.grad(self.theta)
+            if centered
+            else torch.zeros(objective.dim, dtype=objective.dtype, device=objective.device)
+        )
+        itemsize = torch.empty((), dtype=objective.dtype).element_size()
+        local_bytes = objective._source.n_samples * objective.dim * itemsize
+        self.cached = cache_bytes is not None and local_bytes <= cache_bytes
+        self._G: Tensor | None = None
+        if self.cached:
+            self._G = self._centred_gradients()
+
+    def _centred_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.objective.per_sample_grad(self.theta, x, y) - self.mean_grad
+
+    def _centred_gradients(self) -> Tensor:
+        obj = self.objective
+        blocks, finite = [], []
+        with obj.probe_mode():
+            for x, y in obj.batches():
+                G = self._centred_batch(x, y)
+                finite.append(torch.isfinite(G).all())
+                blocks.append(G)
+        obj.counters.passes += 1
+        obj.counters.per_sample_grad += 1
+        flags = torch.stack(finite)
+        if not bool(flags.all()):
+            obj._raise_non_finite("per-sample gradient", flags)
+        return torch.cat(blocks)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        obj = self.objective
+        if self._G is not None:
+            out = obj._reduce(self._G.T @ (self._G @ V))
+        else:
+            def batch_sum(x: Tensor, y: Tensor) -> Tensor:
+                G = self._centred_batch(x, y)
+                return G.T @ (G @ V)
+
+            # accumulate returns (1/N) sum_b (...); rescale to 1/(N - ddof) below.
+            out = obj.accumulate(batch_sum, what="per-sample gradient", per="sum")
+            obj.counters.per_sample_grad += 1
+            out = out * obj.n_samples
+        return out / self._denominator
+
+    def to_dense(self, *, chunk_size: int = 64, max_dim: int | None = None) -> Tensor:
+        """The dense covariance; directly from the per-sample gradients when cached."""
+        if self._G is not None and (max_dim is None or self.shape[0] <= max_dim):
+            return self.objective._reduce(self._G.T @ self._G) / self._denominator
+        return super().to_dense(chunk_size=chunk_size, max_dim=max_dim)
+
+
+def gradient_covariance(
+    objective: Objective,
+    theta: Tensor | None = None,
+    *,
+    centered: bool = True,
+    ddof: int = 0,
+    cache_bytes: int | None = _DEFAULT_CACHE_BYTES,
+) -> GradientCovarianceOperator:
+    r"""The covariance of per-sample gradients of ``objective`` at ``theta``.
+
+    Args:
+        objective: the objective (in ``mode="eval"``).
+        theta: parameters (default: the model's); copied.
+        centered: subtract the mean gradient (``False``: empirical Fisher).
+        ddof: divide by ``N - ddof``.
+        cache_bytes: hold the ``N x d`` per-sample gradients in memory up to this
+            size (``None``: never).
+
+    Returns:
+        A symmetric positive semi-definite operator.
+
+    Example:
+        >>> import torch
+        >>> from lossgeom import Objective
+        >>> X = torch.randn(40, 3, dtype=torch.float64); y = torch.randn(40, 1, dtype=torch.float64)
+        >>> obj = Objective(torch.nn.Linear(3, 1, bias=False).double(), torch.nn.MSELoss(), (X, y))
+        >>> w = obj.theta
+        >>> G = 2 * (X @ w - y[:, 0])[:, None] * X  # per-sample gradients
+        >>> S = gradient_covariance(obj).to_dense()
+        >>> torch.allclose(S, torch.cov(G.T, correction=0))
+        True
+    """
+    return GradientCovarianceOperator(
+        objective, theta, centered=centered, ddof=ddof, cache_bytes=cache_bytes
+    )

@@ -1,0 +1,23 @@
+"""Dense references for validating lossgeom's numbers on small models.
+
+These build full ``d x d`` matrices with :mod:`torch.func` (``hessian``,
+``jacrev``) or plain autograd loops, along a code path independent of the
+matrix-free products in :class:`~lossgeom.Objective`: use them in float64 on
+models with at most a few thousand parameters.
+"""
+
+from lossgeom.testing._reference import (
+    exact_gradient,
+    exact_gradient_covariance,
+    exact_ggn,
+    exact_hessian,
+    exact_loss,
+)
+
+__all__ = [
+    "exact_gradient",
+    "exact_gradient_covariance",
+    "exact_ggn",
+    "exact_hessian",
+    "exact_loss",
+]
