@@ -70,11 +70,17 @@ def _ggn_forward(obj: Objective, theta: Tensor, V: Tensor, x: Tensor, y: Tensor)
 
     out, pullback = vjp(outputs, theta)
     out = out.detach()
-    loss_grad = grad(lambda o: obj.loss_fn(o, y))
+    loss_grad = grad(obj.loss_fn)
+    # An explicit zero tangent for floating targets sidesteps pytorch/pytorch#123996
+    # (forward AD through mse_loss's backward fails on an implicit zero tangent).
+    y_tangent = torch.zeros_like(y) if y.is_floating_point() else None
 
     def one(v: Tensor) -> Tensor:
         jv = jvp(outputs, (theta,), (v,))[1]
-        hjv = jvp(loss_grad, (out,), (jv,))[1]
+        if y_tangent is None:
+            hjv = jvp(lambda o: loss_grad(o, y), (out,), (jv,))[1]
+        else:
+            hjv = jvp(loss_grad, (out, y), (jv, y_tangent))[1]
         return pullback(hjv)[0]
 
     if V.shape[1] == 1:

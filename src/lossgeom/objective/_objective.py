@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call, grad, jvp, vmap
 
@@ -187,6 +188,13 @@ class Objective:
         self._shapes = [p.shape for p in self._params]
         self._numels = [p.numel() for p in self._params]
         self._dim = sum(self._numels)
+        self._running_stat_names = [
+            f"{prefix}.{b}" if prefix else b
+            for prefix, module in model.named_modules()
+            if isinstance(module, _NormBase)
+            for b in ("running_mean", "running_var", "num_batches_tracked")
+            if getattr(module, b, None) is not None
+        ]
         trainable = set(self.names)
         self._frozen_names = [
             n for n, _ in model.named_parameters() if n not in trainable
@@ -290,8 +298,22 @@ class Objective:
         named_params = dict(self.model.named_parameters())
         for name in self._frozen_names:
             params[name] = named_params[name].detach()
-        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-        return functional_call(self.model, (params, buffers), (x,))
+        return functional_call(self.model, (params, self._probe_buffers()), (x,))
+
+    def _probe_buffers(self) -> dict[str, Tensor | None]:
+        """Buffers to evaluate with: copies, and in train mode no running statistics.
+
+        In train mode normalisation layers use batch statistics; their running
+        statistics are passed as ``None`` so that nothing is updated in place (which
+        would also break ``vmap`` over parameters or tangents).
+        """
+        buffers: dict[str, Tensor | None] = {
+            n: b.clone() for n, b in self.model.named_buffers()
+        }
+        if self.mode == "train":
+            for name in self._running_stat_names:
+                buffers[name] = None
+        return buffers
 
     def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """The batch-mean loss at ``theta`` on one batch (differentiable)."""
@@ -585,7 +607,7 @@ class Objective:
         }
         named_params = dict(self.model.named_parameters())
         frozen = {n: named_params[n].detach() for n in self._frozen_names}
-        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        buffers = self._probe_buffers()
         with self.probe_mode(), torch.enable_grad():
             try:
                 out = functional_call(self.model, ({**leaves, **frozen}, buffers), (x,))
@@ -668,9 +690,19 @@ def _hvp_forward_over_reverse(
 ) -> Tensor:
     """H_b @ V by forward-mode differentiation of the reverse-mode gradient."""
     g = grad(batch_loss)
+    if y.is_floating_point():
+        # Give the targets an explicit zero tangent. Without it, forward AD through
+        # mse_loss's backward writes into an immutable "efficient zero" tangent and
+        # fails (pytorch/pytorch#123996); a materialised zero avoids that path.
+        y_tangent = torch.zeros_like(y)
 
-    def one(v: Tensor) -> Tensor:
-        return jvp(lambda t: g(t, x, y), (theta,), (v,))[1]
+        def one(v: Tensor) -> Tensor:
+            return jvp(lambda t, yy: g(t, x, yy), (theta, y), (v, y_tangent))[1]
+
+    else:
+
+        def one(v: Tensor) -> Tensor:
+            return jvp(lambda t: g(t, x, y), (theta,), (v,))[1]
 
     if V.shape[1] == 1:
         return one(V[:, 0]).unsqueeze(1)
