@@ -133,5 +133,5 @@ CASE_IDS = [c.name for c in CASES]
 
 def rel_err(a, b) -> float:
     """Relative error ||a - b|| / ||b|| in the Frobenius norm."""
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()

@@ -1,0 +1,53 @@
+"""Run under torchrun: data-parallel probes on 2 gloo ranks; rank 0 saves the results."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from cases import CASES, DTYPE
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import lossgeom as lg
+
+
+def probes(obj, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(obj.dim, 3, generator=gen, dtype=DTYPE)
+    P = obj.theta + 0.1 * torch.randn(4, obj.dim, generator=gen, dtype=DTYPE)
+    return {
+        "n_samples": torch.tensor(obj.n_samples),
+        "loss": torch.tensor(obj.loss()),
+        "grad": obj.grad(),
+        "hvp": obj.hvp(V),
+        "hvp1": obj.hvp(V[:, 0]),
+        "evaluate": obj.evaluate(P),
+        "ggn": lg.ggn(obj) @ V,
+        "cov": lg.gradient_covariance(obj) @ V,
+        "cov_streamed": lg.gradient_covariance(obj, cache_bytes=None) @ V,
+    }
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {}
+    for case in CASES[:3]:
+        model, loss_fn, X, y = case.make()
+        obj = lg.Objective(model, loss_fn, (X, y), batch_size=case.batch_size)
+        assert obj.data_parallel and obj.world_size == 2
+        assert obj._source.n_samples < obj.n_samples  # this rank holds a shard only
+        results[case.name] = probes(obj)
+    # an iterable sharded by the user's sampler
+    model, loss_fn, X, y = CASES[0].make()
+    X, y = X[:22], y[:22]
+    sampler = DistributedSampler(TensorDataset(X, y), shuffle=False)
+    loader = DataLoader(TensorDataset(X, y), batch_size=4, sampler=sampler)
+    results["loader"] = probes(lg.Objective(model, loss_fn, loader))
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
