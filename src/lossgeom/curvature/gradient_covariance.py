@@ -98,6 +98,20 @@ class GradientCovarianceOperator(ObjectiveOperator):
             out = out * obj.n_samples
         return out / self._denominator
 
+    def trace(self) -> float:
+        r"""The exact trace :math:`\frac{1}{N-\text{ddof}}\sum_i \|g_i - \bar g\|^2`."""
+        obj = self.objective
+        if self._G is not None:
+            total = obj._reduce(self._G.pow(2).sum().reshape(1))
+        else:
+            total = obj.accumulate(
+                lambda x, y: self._centred_batch(x, y).pow(2).sum().reshape(1),
+                what="per-sample gradient",
+                per="sum",
+            ) * obj.n_samples
+            obj.counters.per_sample_grad += 1
+        return float(total) / self._denominator
+
     def to_dense(self, *, chunk_size: int = 64, max_dim: int | None = None) -> Tensor:
         """The dense covariance; directly from the per-sample gradients when cached."""
         if self._G is not None and (max_dim is None or self.shape[0] <= max_dim):

@@ -1,0 +1,3 @@
+from lossgeom.cli import main
+
+main()
