@@ -4,10 +4,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-from cases import CASES, DTYPE
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lossgeom as lg
+from cases import CASES, DTYPE
 
 
 def probes(obj, seed=0):

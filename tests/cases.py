@@ -40,7 +40,9 @@ def _labels(gen, n, k):
 
 
 def tanh_mlp(gen):
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)
+    )
     return model, nn.CrossEntropyLoss(), _randn(gen, 23, 5), _labels(gen, 23, 3)
 
 
@@ -102,17 +104,30 @@ class AttentionBlock(nn.Module):
 
 
 def attention_block(gen):
-    return AttentionBlock(), nn.CrossEntropyLoss(), _randn(gen, 11, 5, 4), _labels(gen, 11, 3)
+    return (
+        AttentionBlock(),
+        nn.CrossEntropyLoss(),
+        _randn(gen, 11, 5, 4),
+        _labels(gen, 11, 3),
+    )
 
 
 def logistic_regression(gen):
-    return nn.Linear(4, 1), nn.BCEWithLogitsLoss(), _randn(gen, 31, 4), (
-        torch.rand(31, 1, generator=gen) < 0.5
-    ).to(DTYPE)
+    return (
+        nn.Linear(4, 1),
+        nn.BCEWithLogitsLoss(),
+        _randn(gen, 31, 4),
+        (torch.rand(31, 1, generator=gen) < 0.5).to(DTYPE),
+    )
 
 
 def softmax_regression(gen):
-    return nn.Linear(4, 3), nn.CrossEntropyLoss(), _randn(gen, 29, 4), _labels(gen, 29, 3)
+    return (
+        nn.Linear(4, 3),
+        nn.CrossEntropyLoss(),
+        _randn(gen, 29, 4),
+        _labels(gen, 29, 3),
+    )
 
 
 def least_squares(gen):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist_worker import probes
-from cases import CASES, rel_err
 
 import lossgeom as lg
+from _dist_worker import probes
+from cases import CASES, rel_err
 
 HERE = Path(__file__).parent
 
@@ -18,11 +18,21 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "results.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
-        str(HERE / "_dist_worker.py"), str(out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=localhost:0",
+        str(HERE / "_dist_worker.py"),
+        str(out),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from cases import CASES, DTYPE
 from torch import nn
 
 import lossgeom as lg
+from cases import CASES, DTYPE
 
 MLP = CASES[0]
 
@@ -18,20 +18,26 @@ def mlp_objective(**kw):
 def test_inputs_that_do_not_fit_the_model():
     model, loss_fn, X, y = MLP.make()  # Linear(5, ...)
     bad = torch.randn(X.shape[0], 7, dtype=DTYPE)
-    with pytest.raises(ValueError, match=r"could not be applied to the inputs.*\(23, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"could not be applied to the inputs.*\(23, 7\)"
+    ):
         lg.Objective(model, loss_fn, (bad, y))
 
 
 def test_targets_that_do_not_fit_the_loss():
     model, loss_fn, X, y = MLP.make()
     bad = torch.randn(X.shape[0], 5, dtype=DTYPE)  # 3 classes, not 5
-    with pytest.raises(ValueError, match=r"outputs of shape \(23, 3\).*targets of shape \(23, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"outputs of shape \(23, 3\).*targets of shape \(23, 5\)"
+    ):
         lg.Objective(model, loss_fn, (X, bad))
 
 
 def test_loss_that_is_not_a_scalar():
     model, _, X, y = MLP.make()
-    with pytest.raises(ValueError, match=r"scalar.*got shape \(23,\).*reduction='mean'"):
+    with pytest.raises(
+        ValueError, match=r"scalar.*got shape \(23,\).*reduction='mean'"
+    ):
         lg.Objective(model, nn.CrossEntropyLoss(reduction="none"), (X, y))
 
 
@@ -62,9 +68,13 @@ class _SqrtNet(nn.Module):
 def test_non_finite_gradient_with_finite_loss_names_the_batch():
     X = torch.randn(9, 3, dtype=DTYPE)
     X[7] = 0.0  # batch 1 (of size 4) holds samples 4..7
-    obj = lg.Objective(_SqrtNet(), nn.MSELoss(), (X, torch.zeros(9, 1, dtype=DTYPE)), batch_size=4)
+    obj = lg.Objective(
+        _SqrtNet(), nn.MSELoss(), (X, torch.zeros(9, 1, dtype=DTYPE)), batch_size=4
+    )
     assert torch.isfinite(torch.tensor(obj.loss()))
-    with pytest.raises(lg.NonFiniteError, match=r"non-finite loss and gradient in batch 1 \(of 3\)"):
+    with pytest.raises(
+        lg.NonFiniteError, match=r"non-finite loss and gradient in batch 1 \(of 3\)"
+    ):
         obj.grad()
 
 
@@ -90,13 +100,18 @@ def test_one_shot_iterator_is_refused():
 
 def test_unrecognised_data():
     model, loss_fn, *_ = MLP.make()
-    with pytest.raises(TypeError, match=r"expected data as an \(inputs, targets\) pair"):
+    with pytest.raises(
+        TypeError, match=r"expected data as an \(inputs, targets\) pair"
+    ):
         lg.Objective(model, loss_fn, 42)
 
 
 def test_vector_of_the_wrong_shape():
     obj, *_ = mlp_objective()
-    with pytest.raises(ValueError, match=rf"shape \({obj.dim},\) or a block of shape \({obj.dim}, m\).*got shape \(7,\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"shape \({obj.dim},\) or a block of shape \({obj.dim}, m\).*got shape \(7,\)",
+    ):
         obj.hvp(torch.randn(7, dtype=DTYPE))
     with pytest.raises(ValueError, match="looks transposed: pass V.T"):
         obj.hvp(torch.randn(3, obj.dim, dtype=DTYPE))
@@ -106,7 +121,9 @@ def test_vector_of_the_wrong_shape():
 
 def test_vector_on_the_wrong_device():
     obj, *_ = mlp_objective()
-    with pytest.raises(ValueError, match=r"device 'cpu'.*got V on 'meta'.*V.to\('cpu'\)"):
+    with pytest.raises(
+        ValueError, match=r"device 'cpu'.*got V on 'meta'.*V.to\('cpu'\)"
+    ):
         obj.hvp(torch.empty(obj.dim, dtype=DTYPE, device="meta"))
 
 
@@ -138,17 +155,24 @@ def test_parameters_that_do_not_reach_the_loss_are_reported_and_have_zero_curvat
     torch.manual_seed(0)
     model = _WithUnused().double()
     X, y = torch.randn(10, 3, dtype=DTYPE), torch.randint(0, 2, (10,))
-    with pytest.warns(UserWarning, match=r"do not reach the loss.*unused.weight, unused.bias"):
+    with pytest.warns(
+        UserWarning, match=r"do not reach the loss.*unused.weight, unused.bias"
+    ):
         obj = lg.Objective(model, nn.CrossEntropyLoss(), (X, y))
     assert obj.unused_parameters == ["unused.weight", "unused.bias"]
     H = lg.hessian(obj).to_dense()
     unused = slice(8, 16)  # used.weight (6) + used.bias (2), then the unused ones
-    assert torch.count_nonzero(H[unused]) == 0 and torch.count_nonzero(H[:, unused]) == 0
+    assert (
+        torch.count_nonzero(H[unused]) == 0 and torch.count_nonzero(H[:, unused]) == 0
+    )
     assert torch.count_nonzero(obj.grad()[unused]) == 0
     assert torch.count_nonzero(H[:8, :8]) > 0
-    for backend in ("double-backward",):
-        o = lg.Objective(model, nn.CrossEntropyLoss(), (X, y), hvp_backend=backend)
-        assert torch.equal(lg.hessian(o).to_dense()[unused], torch.zeros(8, 16, dtype=DTYPE))
+    for backend in ("double-backward", "forward-over-reverse"):
+        with pytest.warns(UserWarning, match="do not reach the loss"):
+            o = lg.Objective(model, nn.CrossEntropyLoss(), (X, y), hvp_backend=backend)
+        assert torch.equal(
+            lg.hessian(o).to_dense()[unused], torch.zeros(8, 16, dtype=DTYPE)
+        )
 
 
 def test_model_without_trainable_parameters():

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from cases import CASES, DTYPE, SmallCNN, rel_err
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lossgeom as lg
+from cases import CASES, DTYPE, SmallCNN, rel_err
 from lossgeom.testing import exact_gradient, exact_hessian, exact_loss
 
 MLP, CNN = CASES[0], CASES[1]
@@ -36,11 +36,16 @@ def _data_forms(X, y, batch_size):
         "tensors": (X, y),
         "dataset": ds,
         "dataloader": DataLoader(ds, batch_size=batch_size, shuffle=False),
-        "list_of_batches": [(X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(X), batch_size)],
+        "list_of_batches": [
+            (X[i : i + batch_size], y[i : i + batch_size])
+            for i in range(0, len(X), batch_size)
+        ],
     }
 
 
-@pytest.mark.parametrize("form", ["tensors", "dataset", "dataloader", "list_of_batches"])
+@pytest.mark.parametrize(
+    "form", ["tensors", "dataset", "dataloader", "list_of_batches"]
+)
 def test_every_data_form_gives_the_same_function(form):
     model, loss_fn, X, y = CNN.make()
     ref = lg.Objective(model, loss_fn, (X, y))
@@ -70,11 +75,17 @@ def test_max_samples_is_a_fixed_seeded_subset():
     assert a.loss() == a.loss()
     assert abs(a.loss() - b.loss()) <= 1e-12
     assert abs(a.loss() - c.loss()) > 1e-6
-    idx = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(3))[:10].sort().values
+    idx = (
+        torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(3))[:10]
+        .sort()
+        .values
+    )
     explicit = lg.Objective(model, loss_fn, (X[idx], y[idx]))
     assert abs(a.loss() - explicit.loss()) <= 1e-12
     # more than available: all samples
-    assert lg.Objective(model, loss_fn, (X, y), max_samples=1000).n_samples == X.shape[0]
+    assert (
+        lg.Objective(model, loss_fn, (X, y), max_samples=1000).n_samples == X.shape[0]
+    )
 
 
 def test_max_samples_on_a_loader_takes_the_first_samples_once():
@@ -149,7 +160,9 @@ def test_float64_copy_leaves_the_float32_model_alone():
     X, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
     snap = _snapshot(model)
     obj = lg.Objective(model, nn.CrossEntropyLoss(), (X, y), dtype=torch.float64)
-    assert obj.copied and obj.dtype == torch.float64 and obj.theta.dtype == torch.float64
+    assert (
+        obj.copied and obj.dtype == torch.float64 and obj.theta.dtype == torch.float64
+    )
     assert next(model.parameters()).dtype == torch.float32
     obj.hvp(torch.randn(obj.dim, dtype=torch.float64))
     _assert_unchanged(model, snap)
@@ -203,7 +216,7 @@ def test_counters_count_vectors_and_passes():
 
 
 class _NoJvpTanh(torch.autograd.Function):
-    """tanh with a backward (twice differentiable) but no forward-mode rule."""
+    """tanh with a twice-differentiable backward but no forward-mode rule."""
 
     @staticmethod
     def forward(x):
@@ -219,44 +232,135 @@ class _NoJvpTanh(torch.autograd.Function):
         return g * (1 - t * t)
 
 
-class _NoJvpNet(nn.Module):
-    def __init__(self):
+class _TanhBackward(torch.autograd.Function):
+    """g * (1 - t^2) with a forward-mode rule but no backward (no double backward)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g, t):
+        return g * (1 - t * t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, t = inputs
+        ctx.save_for_forward(g, t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("double backward is not implemented for this tanh")
+
+    @staticmethod
+    def jvp(ctx, dg, dt):
+        g, t = ctx.saved_tensors
+        return dg * (1 - t * t) - 2 * g * t * dt
+
+
+class _NoDoubleBackwardTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again, but has a forward rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (t,) = ctx.saved_tensors
+        return _TanhBackward.apply(g, t)
+
+    @staticmethod
+    def jvp(ctx, dx):
+        (t,) = ctx.saved_tensors
+        return dx * (1 - t * t)
+
+
+class _Net(nn.Module):
+    def __init__(self, act):
         super().__init__()
         self.a = nn.Linear(3, 4)
         self.b = nn.Linear(4, 2)
+        self.act = act
 
     def forward(self, x):
-        return self.b(_NoJvpTanh.apply(self.a(x)))
+        return self.b(self.act.apply(self.a(x)))
 
 
-def test_auto_backend_falls_back_to_double_backward_and_says_so():
-    torch.manual_seed(0)
-    model = _NoJvpNet().double()
-    X, y = torch.randn(12, 3, dtype=DTYPE), torch.randint(0, 2, (12,))
-    obj = lg.Objective(model, nn.CrossEntropyLoss(), (X, y))
-    V = torch.randn(obj.dim, 3, dtype=DTYPE)
-    with pytest.warns(RuntimeWarning, match="double backward"):
-        HV = obj.hvp(V)
-    assert obj.hvp_backend_used == "double-backward"
-    assert "forward" in obj.hvp_fallback_reason.lower() or "jvp" in obj.hvp_fallback_reason.lower()
-    assert obj.info()["hvp_backend"] == "double-backward"
-    # against a finite-difference of the autograd gradient (the dense reference
-    # needs forward mode too)
-    eps = 1e-6
-    fd = torch.stack(
-        [(obj.grad(obj.theta + eps * v) - obj.grad(obj.theta - eps * v)) / (2 * eps) for v in V.T], 1
+def _fd_hvp(obj, V, eps=1e-6):
+    return torch.stack(
+        [
+            (obj.grad(obj.theta + eps * v) - obj.grad(obj.theta - eps * v)) / (2 * eps)
+            for v in V.T
+        ],
+        1,
     )
-    assert rel_err(HV, fd) <= 1e-7
+
+
+@pytest.mark.parametrize(
+    "act, works, fails",
+    [
+        (_NoJvpTanh, "double-backward", "forward-over-reverse"),
+        (_NoDoubleBackwardTanh, "forward-over-reverse", "double-backward"),
+    ],
+    ids=["no-forward-mode", "no-double-backward"],
+)
+def test_auto_backend_falls_back_and_says_so(act, works, fails):
+    torch.manual_seed(0)
+    model = _Net(act).double()
+    X, y = torch.randn(12, 3, dtype=DTYPE), torch.randint(0, 2, (12,))
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=DTYPE)
+    broken = lg.Objective(model, nn.CrossEntropyLoss(), (X, y), hvp_backend=fails)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        broken.hvp(V)
+    obj = lg.Objective(model, nn.CrossEntropyLoss(), (X, y))
+    first = "double-backward" if obj.device.type == "cpu" else "forward-over-reverse"
+    if first == fails:
+        with pytest.warns(RuntimeWarning, match=f"{fails} HVP failed, using {works}"):
+            HV = obj.hvp(V)
+        assert obj.hvp_fallback_reason
+    else:
+        HV = obj.hvp(V)
+    assert obj.hvp_backend_used == works
+    assert obj.info()["hvp_backend"] == works
+    # the dense references need both modes; check against finite differences
+    assert rel_err(HV, _fd_hvp(obj, V)) <= 1e-7
+    H = lg.hessian(obj)
+    assert rel_err(H @ V, HV) <= 1e-12
     op = lg.ggn(obj)
     op @ V
-    assert op.backend_used == "double-backward"
+    assert op.backend_used in ("forward-over-reverse", "double-backward")
 
 
-def test_forward_over_reverse_is_the_default_where_it_works(case):
+def test_auto_backend_prefers_the_faster_one_per_device(case):
     model, loss_fn, X, y = case.make()
     obj = lg.Objective(model, loss_fn, (X, y))
     obj.hvp(torch.randn(obj.dim, dtype=DTYPE))
-    assert obj.hvp_backend_used == "forward-over-reverse"
+    # measured in benchmarks/hvp.py: double backward is faster on CPU
+    assert obj.hvp_backend_used == "double-backward"
+
+
+def test_hessian_operator_keeps_the_graph_and_matches(case):
+    model, loss_fn, X, y = case.make()
+    obj = lg.Objective(model, loss_fn, (X, y), batch_size=case.batch_size)
+    H = lg.hessian(obj)
+    V = torch.randn(obj.dim, 3, dtype=DTYPE)
+    HV = H @ V
+    assert H.cached and H.cache_nbytes > 0
+    assert H.backend_used == "double-backward (kept graph)"
+    passes = obj.counters.passes
+    assert rel_err(H @ V, HV) <= 1e-13
+    assert obj.counters.passes == passes  # no data pass for kept graphs
+    assert rel_err(HV, exact_hessian(obj) @ V) <= 1e-10
+    tiny = lg.hessian(obj, cache_bytes=16)
+    assert rel_err(tiny @ V, HV) <= 1e-12 and tiny.cached is False
+    loader = lg.Objective(model, loss_fn, DataLoader(TensorDataset(X, y), batch_size=4))
+    assert lg.hessian(loader).cached is False  # batch order of a loader is not fixed
 
 
 def test_float32_model_gives_float32_results_close_to_float64():

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from cases import CASES, DTYPE, rel_err
 from torch import nn
 
 import lossgeom as lg
-from lossgeom.testing import exact_gradient_covariance, exact_ggn, exact_hessian
+from cases import CASES, DTYPE, rel_err
+from lossgeom.testing import exact_ggn, exact_gradient_covariance, exact_hessian
 
 TOL = 1e-10
 
@@ -69,7 +69,10 @@ def test_gradient_covariance_options():
     assert rel_err(unbiased, exact_gradient_covariance(obj, ddof=1)) <= TOL
     # Sigma = Fisher - g g^T
     g = obj.grad()
-    assert rel_err(lg.gradient_covariance(obj).to_dense(), fisher - torch.outer(g, g)) <= 1e-9
+    assert (
+        rel_err(lg.gradient_covariance(obj).to_dense(), fisher - torch.outer(g, g))
+        <= 1e-9
+    )
 
 
 def _augment(X):
@@ -82,7 +85,9 @@ def _theta_to_wb(obj):
 
 
 def test_logistic_regression_hessian_closed_form():
-    model, loss_fn, X, y = [c for c in CASES if c.name == "logistic_regression"][0].make()
+    model, loss_fn, X, y = [c for c in CASES if c.name == "logistic_regression"][
+        0
+    ].make()
     obj = lg.Objective(model, loss_fn, (X, y), batch_size=12)
     Z = _augment(X)  # theta = (w_1..w_4, b) for a Linear(4, 1)
     p = torch.sigmoid(Z @ obj.theta)
@@ -93,7 +98,9 @@ def test_logistic_regression_hessian_closed_form():
 
 
 def test_softmax_regression_hessian_closed_form():
-    model, loss_fn, X, y = [c for c in CASES if c.name == "softmax_regression"][0].make()
+    model, loss_fn, X, y = [c for c in CASES if c.name == "softmax_regression"][
+        0
+    ].make()
     obj = lg.Objective(model, loss_fn, (X, y))
     n, k, f = X.shape[0], 3, X.shape[1]
     P = torch.softmax(X @ model.weight.detach().T + model.bias.detach(), 1)

@@ -21,7 +21,9 @@ def _root() -> None:
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for results.json."),
+    out: Path = typer.Option(
+        Path("demo-out"), "--out", help="Folder for results.json."
+    ),
     steps: int = typer.Option(300, help="SGD steps of training."),
     width: int = typer.Option(32, help="Hidden width of the MLP."),
     seed: int = typer.Option(0, help="Seed of initialisation, batches and directions."),

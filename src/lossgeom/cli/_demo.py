@@ -64,7 +64,9 @@ def run_demo(
     if steps < 0:
         raise ValueError(f"steps must be >= 0; got {steps}.")
     if n_directions < 2:
-        raise ValueError(f"n_directions must be >= 2 for an error bar; got {n_directions}.")
+        raise ValueError(
+            f"n_directions must be >= 2 for an error bar; got {n_directions}."
+        )
     out = Path(out)
     torch.manual_seed(seed)
     X, y = digits("train", seed=seed)
@@ -96,7 +98,9 @@ def run_demo(
     ggn_grad = torch.dot(u, G @ u).item()
 
     vgen = torch.Generator(device=obj.device).manual_seed(seed)
-    V = torch.randn(obj.dim, n_directions, generator=vgen, dtype=obj.dtype, device=obj.device)
+    V = torch.randn(
+        obj.dim, n_directions, generator=vgen, dtype=obj.dtype, device=obj.device
+    )
     V = V / V.norm(dim=0)
     rayleigh = (V * (H @ V)).sum(0)
     mean_curv = rayleigh.mean().item()
@@ -185,7 +189,10 @@ def format_table(results: dict) -> str:
     rows = [
         ("model", results["model"]),
         ("parameters d", str(results["objective"]["dim"])),
-        ("train steps / seconds", f"{results['training']['steps']} / {results['training']['seconds']:.2f}"),
+        (
+            "train steps / seconds",
+            f"{results['training']['steps']} / {results['training']['seconds']:.2f}",
+        ),
         ("train loss / accuracy", f"{m['train_loss']:.4f} / {m['train_accuracy']:.3f}"),
         ("test loss / accuracy", f"{m['test_loss']:.4f} / {m['test_accuracy']:.3f}"),
         ("|grad|", f"{m['grad_norm']:.4e}"),
@@ -201,16 +208,25 @@ def format_table(results: dict) -> str:
     if "dense_spectrum" in results:
         s = results["dense_spectrum"]
         rows += [
-            ("exact lambda_max / lambda_min", f"{s['lambda_max']:.4e} / {s['lambda_min']:.4e}"),
+            (
+                "exact lambda_max / lambda_min",
+                f"{s['lambda_max']:.4e} / {s['lambda_min']:.4e}",
+            ),
             ("exact tr(H)/d", f"{s['trace_over_d']:.4e}"),
             ("negative eigenvalues", f"{s['n_negative']} of {s['d']}"),
-            ("estimate - exact, in stderrs", f"{results['checks']['mean_curvature_vs_exact_in_stderrs']:+.2f}"),
+            (
+                "estimate - exact, in stderrs",
+                f"{results['checks']['mean_curvature_vs_exact_in_stderrs']:+.2f}",
+            ),
         ]
     c = results["cost"]
     rows += [
         ("HVP time / gradient time", f"{c['hvp_over_grad']:.2f}"),
         ("8 vectors batched vs 8 single", f"{c['block8_speedup_over_8_single']:.2f}x"),
-        ("backend / mode / dtype", f"{results['objective']['hvp_backend']} / {results['objective']['mode']} / {results['objective']['dtype']}"),
+        (
+            "backend / mode / dtype",
+            f"{results['objective']['hvp_backend']} / {results['objective']['mode']} / {results['objective']['dtype']}",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -32,4 +32,6 @@ class ObjectiveOperator(SymmetricOperator):
         self.theta = objective._theta_arg(theta).clone()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(dim={self.shape[0]}, objective={self.objective!r})"
+        return (
+            f"{type(self).__name__}(dim={self.shape[0]}, objective={self.objective!r})"
+        )

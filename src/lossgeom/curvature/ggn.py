@@ -64,7 +64,9 @@ class GGNOperator(ObjectiveOperator):
         return out
 
 
-def _ggn_forward(obj: Objective, theta: Tensor, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+def _ggn_forward(
+    obj: Objective, theta: Tensor, V: Tensor, x: Tensor, y: Tensor
+) -> Tensor:
     def outputs(t: Tensor) -> Tensor:
         return obj.model_fn(t, x)
 
@@ -88,7 +90,9 @@ def _ggn_forward(obj: Objective, theta: Tensor, V: Tensor, x: Tensor, y: Tensor)
     return vmap(one, in_dims=1, out_dims=1)(V)
 
 
-def _ggn_reverse(obj: Objective, theta: Tensor, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+def _ggn_reverse(
+    obj: Objective, theta: Tensor, V: Tensor, x: Tensor, y: Tensor
+) -> Tensor:
     """J^T H J V with reverse mode only: J v is the derivative of u -> (J^T u) . v."""
     with torch.enable_grad():
         t = theta.detach().requires_grad_(True)

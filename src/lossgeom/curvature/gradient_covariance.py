@@ -43,7 +43,9 @@ class GradientCovarianceOperator(ObjectiveOperator):
     ):
         super().__init__(objective, theta)
         if ddof not in (0, 1):
-            raise ValueError(f"ddof must be 0 (divide by N) or 1 (by N - 1); got {ddof!r}.")
+            raise ValueError(
+                f"ddof must be 0 (divide by N) or 1 (by N - 1); got {ddof!r}."
+            )
         self.centered = centered
         self.ddof = ddof
         n_total = objective.n_samples
@@ -56,7 +58,9 @@ class GradientCovarianceOperator(ObjectiveOperator):
         self.mean_grad = (
             objective.grad(self.theta)
             if centered
-            else torch.zeros(objective.dim, dtype=objective.dtype, device=objective.device)
+            else torch.zeros(
+                objective.dim, dtype=objective.dtype, device=objective.device
+            )
         )
         itemsize = torch.empty((), dtype=objective.dtype).element_size()
         local_bytes = objective._source.n_samples * objective.dim * itemsize
@@ -88,6 +92,7 @@ class GradientCovarianceOperator(ObjectiveOperator):
         if self._G is not None:
             out = obj._reduce(self._G.T @ (self._G @ V))
         else:
+
             def batch_sum(x: Tensor, y: Tensor) -> Tensor:
                 G = self._centred_batch(x, y)
                 return G.T @ (G @ V)
@@ -104,11 +109,14 @@ class GradientCovarianceOperator(ObjectiveOperator):
         if self._G is not None:
             total = obj._reduce(self._G.pow(2).sum().reshape(1))
         else:
-            total = obj.accumulate(
-                lambda x, y: self._centred_batch(x, y).pow(2).sum().reshape(1),
-                what="per-sample gradient",
-                per="sum",
-            ) * obj.n_samples
+            total = (
+                obj.accumulate(
+                    lambda x, y: self._centred_batch(x, y).pow(2).sum().reshape(1),
+                    what="per-sample gradient",
+                    per="sum",
+                )
+                * obj.n_samples
+            )
             obj.counters.per_sample_grad += 1
         return float(total) / self._denominator
 

@@ -19,7 +19,9 @@ __all__ = ["DenseOperator", "SymmetricOperator", "check_block"]
 _DEFAULT_MAX_DENSE_DIM = 20_000
 
 
-def check_block(V: Tensor, dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def check_block(
+    V: Tensor, dim: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     """Validate a vector or block of vectors for an operator of size ``dim``.
 
     Args:
@@ -154,7 +156,9 @@ class SymmetricOperator(ABC):
         cols = []
         for start in range(0, self._dim, chunk_size):
             stop = min(start + chunk_size, self._dim)
-            E = torch.zeros(self._dim, stop - start, dtype=self._dtype, device=self._device)
+            E = torch.zeros(
+                self._dim, stop - start, dtype=self._dtype, device=self._device
+            )
             E[torch.arange(start, stop), torch.arange(stop - start)] = 1
             cols.append(self.matmat(E))
         return torch.cat(cols, dim=1)
@@ -180,12 +184,17 @@ class DenseOperator(SymmetricOperator):
         if not isinstance(matrix, Tensor) or matrix.ndim != 2:
             raise ValueError(
                 "expected a square 2-D tensor; got "
-                + (f"shape {tuple(matrix.shape)}" if isinstance(matrix, Tensor) else
-                   type(matrix).__name__)
+                + (
+                    f"shape {tuple(matrix.shape)}"
+                    if isinstance(matrix, Tensor)
+                    else type(matrix).__name__
+                )
                 + "."
             )
         if matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"expected a square matrix; got shape {tuple(matrix.shape)}.")
+            raise ValueError(
+                f"expected a square matrix; got shape {tuple(matrix.shape)}."
+            )
         if check_symmetric:
             scale = matrix.abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
             asym = (matrix - matrix.T).abs().max() / scale

@@ -185,7 +185,9 @@ def make_source(
     Returns:
         The data source.
     """
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+    if max_samples is not None and (
+        not isinstance(max_samples, int) or max_samples < 1
+    ):
         raise ValueError(
             f"max_samples must be a positive integer or None; got {max_samples!r}."
         )
@@ -195,8 +197,10 @@ def make_source(
         )
     place = _Placement(torch.device(device), dtype)
 
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
-        isinstance(t, Tensor) for t in data
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
     ):
         X, Y = data
         if X.ndim == 0 or Y.ndim == 0:
@@ -227,8 +231,10 @@ def make_source(
             placement=place,
         )
 
-    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(
-        data, "__len__"
+    if (
+        isinstance(data, Dataset)
+        and not isinstance(data, IterableDataset)
+        and hasattr(data, "__len__")
     ):
         n = len(data)
         if n == 0:

@@ -7,9 +7,9 @@ models with at most a few thousand parameters.
 """
 
 from lossgeom.testing._reference import (
+    exact_ggn,
     exact_gradient,
     exact_gradient_covariance,
-    exact_ggn,
     exact_hessian,
     exact_loss,
 )

@@ -21,7 +21,9 @@ __all__ = [
 _MAX_DIM = 5000
 
 
-def _setup(obj: Objective, theta: Tensor | None) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+def _setup(
+    obj: Objective, theta: Tensor | None
+) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
     if obj.dim > _MAX_DIM:
         raise ValueError(
             f"dense references are for small models (d <= {_MAX_DIM}); this one has "
@@ -45,7 +47,9 @@ def _setup(obj: Objective, theta: Tensor | None) -> tuple[Tensor, Callable[[Tens
     return theta, outputs
 
 
-def _weighted_sum(obj: Objective, per_batch: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def _weighted_sum(
+    obj: Objective, per_batch: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
     total, count = None, 0
     with obj.probe_mode():
         for x, y in obj.batches():
@@ -97,7 +101,9 @@ def exact_ggn(obj: Objective, theta: Tensor | None = None) -> Tensor:
     def per_batch(x: Tensor, y: Tensor) -> Tensor:
         out = outputs(theta, x).detach()
         J = jacrev(lambda t: outputs(t, x))(theta).reshape(out.numel(), -1)
-        H_out = hessian(lambda o: obj.loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+        H_out = hessian(lambda o: obj.loss_fn(o, y))(out).reshape(
+            out.numel(), out.numel()
+        )
         return J.T @ H_out @ J
 
     return _weighted_sum(obj, per_batch)

@@ -1,6 +1,7 @@
-"""Layer 3: models and data sets (a first slice: sklearn digits and an MLP)."""
+"""Layer 3: models and data sets (a first slice: sklearn digits, an MLP, CIFAR ResNets)."""
 
 from lossgeom.zoo._digits import digits
 from lossgeom.zoo._mlp import mlp
+from lossgeom.zoo._resnet import cifar_resnet
 
-__all__ = ["digits", "mlp"]
+__all__ = ["cifar_resnet", "digits", "mlp"]

@@ -6,7 +6,12 @@ from torch import nn
 
 __all__ = ["mlp"]
 
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+_ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+}
 
 
 def mlp(
@@ -34,7 +39,9 @@ def mlp(
             f"activation must be one of {sorted(_ACTIVATIONS)}; got {activation!r}."
         )
     if depth < 0 or width < 1:
-        raise ValueError(f"need depth >= 0 and width >= 1; got depth={depth}, width={width}.")
+        raise ValueError(
+            f"need depth >= 0 and width >= 1; got depth={depth}, width={width}."
+        )
     layers: list[nn.Module] = []
     size = in_features
     for _ in range(depth):

@@ -1,0 +1,203 @@
+"""HVP cost: one HVP relative to one gradient, two backends, and batching 8 vectors.
+
+Cases: (a) tiny MLP on sklearn digits, (b) small CNN with BatchNorm on digits
+(8x8 images), (c) CIFAR-style ResNet-20 (width 16) on a fixed random 3x32x32 batch
+of 128. All in float32, eval mode. Targets (issue 2): HVP <= 2.5x a gradient on
+(b) and (c); 8 vectors in one batched call >= 1.5x the throughput of 8 single calls.
+
+Every ratio compares two timings taken in the same run, interleaved, as the median
+of several repeats. Results with the machine facts go to benchmarks/results/.
+
+Usage: python benchmarks/hvp.py [--repeats N] [--out benchmarks/results/hvp_<device>.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lossgeom as lg
+from lossgeom._io import atomic_write_json
+from lossgeom.zoo import cifar_resnet, digits, mlp
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def make_cases(device):
+    torch.manual_seed(0)
+    X, y = digits("train")
+    Xi = X.view(-1, 1, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    Xc = torch.randn(128, 3, 32, 32, generator=gen)
+    yc = torch.randint(0, 10, (128,), generator=gen)
+    return {
+        "a_mlp_digits": (mlp(64, 10, width=32), X, y),
+        "b_cnn_bn_digits": (DigitsCNN(), Xi, y),
+        "c_resnet20_random128": (cifar_resnet(20, width=16), Xc, yc),
+    }
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def measure(name, model, X, y, device, repeats):
+    model = model.to(device).eval()
+    X, y = X.to(device), y.to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    objs = {
+        b: lg.Objective(model, loss_fn, (X, y), hvp_backend=b)
+        for b in ("forward-over-reverse", "double-backward")
+    }
+    fr, db = objs["forward-over-reverse"], objs["double-backward"]
+    gen = torch.Generator(device=device).manual_seed(1)
+    V = torch.randn(fr.dim, 8, generator=gen, device=device)
+    v = V[:, 0].contiguous()
+
+    def plain_backward():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(X), y).backward()
+
+    H = lg.hessian(db)  # fixed parameters: keeps the gradient's graph
+    tasks = {
+        "grad_plain_torch": plain_backward,
+        "grad": lambda: fr.grad(),
+        "hvp_forward_over_reverse": lambda: fr.hvp(v),
+        "hvp_double_backward": lambda: db.hvp(v),
+        "hvp_operator_kept_graph": lambda: H @ v,
+        "hvp8_block_forward_over_reverse": lambda: fr.hvp(V),
+        "hvp8_block_double_backward": lambda: db.hvp(V),
+        "hvp8_operator_kept_graph": lambda: H @ V,
+    }
+    for fn in tasks.values():  # warm-up
+        fn()
+    samples = {k: [] for k in tasks}
+    for _ in range(repeats):  # interleaved, so load changes hit all alike
+        for key, fn in tasks.items():
+            samples[key].append(timed(fn, device))
+    model.zero_grad(set_to_none=True)
+    t = {k: statistics.median(s) for k, s in samples.items()}
+    assert H.cached, "the benchmark expects the Hessian operator to keep its graph"
+    best_single = min(t["hvp_forward_over_reverse"], t["hvp_double_backward"])
+    return {
+        "case": name,
+        "d": fr.dim,
+        "n_samples": X.shape[0],
+        "seconds": t,
+        "hvp_over_grad_forward_over_reverse": t["hvp_forward_over_reverse"] / t["grad"],
+        "hvp_over_grad_double_backward": t["hvp_double_backward"] / t["grad"],
+        "hvp_over_grad_operator_kept_graph": t["hvp_operator_kept_graph"] / t["grad"],
+        "hvp_over_plain_torch_grad_double_backward": t["hvp_double_backward"]
+        / t["grad_plain_torch"],
+        "hvp_cache_bytes": H.cache_nbytes,
+        "block8_throughput_vs_8_single_forward_over_reverse": 8
+        * t["hvp_forward_over_reverse"]
+        / t["hvp8_block_forward_over_reverse"],
+        "block8_throughput_vs_8_single_double_backward": 8
+        * t["hvp_double_backward"]
+        / t["hvp8_block_double_backward"],
+        "block8_throughput_vs_8_best_single": 8
+        * best_single
+        / min(t["hvp8_block_forward_over_reverse"], t["hvp8_block_double_backward"]),
+        "block8_operator_vs_8_single_double_backward": 8
+        * t["hvp_double_backward"]
+        / t["hvp8_operator_kept_graph"],
+        "repeats": repeats,
+    }
+
+
+def machine_facts(device):
+    facts = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "dtype": "float32",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    facts["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = [
+        measure(n, m, X, y, device, args.repeats)
+        for n, (m, X, y) in make_cases(device).items()
+    ]
+    print(
+        "HVP time / gradient time, and throughput of one block of 8 vectors / 8 single calls"
+    )
+    print(
+        f"{'case':22} {'d':>7} | {'fwd-rev':>7} {'dbl-bwd':>7} {'H kept':>7} | "
+        f"{'blk fwd-rev':>11} {'blk dbl-bwd':>11} {'blk H kept':>10}"
+    )
+    for r in rows:
+        print(
+            f"{r['case']:22} {r['d']:>7} | {r['hvp_over_grad_forward_over_reverse']:>7.2f} "
+            f"{r['hvp_over_grad_double_backward']:>7.2f} {r['hvp_over_grad_operator_kept_graph']:>7.2f} | "
+            f"{r['block8_throughput_vs_8_single_forward_over_reverse']:>10.2f}x "
+            f"{r['block8_throughput_vs_8_single_double_backward']:>10.2f}x "
+            f"{r['block8_operator_vs_8_single_double_backward']:>9.2f}x"
+        )
+    out = Path(
+        args.out or Path(__file__).parent / "results" / f"hvp_{device.type}.json"
+    )
+    atomic_write_json(
+        out, {"benchmark": "hvp", "machine": machine_facts(device), "results": rows}
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
