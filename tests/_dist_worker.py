@@ -35,7 +35,7 @@ def main(out: str) -> None:
         model, loss_fn, X, y = case.make()
         obj = lg.Objective(model, loss_fn, (X, y), batch_size=case.batch_size)
         assert obj.data_parallel and obj.world_size == 2
-        assert obj._source.n_samples < obj.n_samples  # this rank holds a shard only
+        assert obj.local_n_samples < obj.n_samples  # this rank holds a shard only
         results[case.name] = probes(obj)
     # an iterable sharded by the user's sampler
     model, loss_fn, X, y = CASES[0].make()

@@ -29,7 +29,7 @@ class ObjectiveOperator(SymmetricOperator):
             )
         super().__init__(objective.dim, objective.dtype, objective.device)
         self.objective = objective
-        self.theta = objective._theta_arg(theta).clone()
+        self.theta = objective.check_theta(theta).clone()
 
     def __repr__(self) -> str:
         return (

@@ -63,7 +63,7 @@ class GradientCovarianceOperator(ObjectiveOperator):
             )
         )
         itemsize = torch.empty((), dtype=objective.dtype).element_size()
-        local_bytes = objective._source.n_samples * objective.dim * itemsize
+        local_bytes = objective.local_n_samples * objective.dim * itemsize
         self.cached = cache_bytes is not None and local_bytes <= cache_bytes
         self._G: Tensor | None = None
         if self.cached:
@@ -84,13 +84,13 @@ class GradientCovarianceOperator(ObjectiveOperator):
         obj.counters.per_sample_grad += 1
         flags = torch.stack(finite)
         if not bool(flags.all()):
-            obj._raise_non_finite("per-sample gradient", flags)
+            obj.raise_non_finite("per-sample gradient", flags)
         return torch.cat(blocks)
 
     def _matmat(self, V: Tensor) -> Tensor:
         obj = self.objective
         if self._G is not None:
-            out = obj._reduce(self._G.T @ (self._G @ V))
+            out = obj.all_reduce(self._G.T @ (self._G @ V))
         else:
 
             def batch_sum(x: Tensor, y: Tensor) -> Tensor:
@@ -107,7 +107,7 @@ class GradientCovarianceOperator(ObjectiveOperator):
         r"""The exact trace :math:`\frac{1}{N-\text{ddof}}\sum_i \|g_i - \bar g\|^2`."""
         obj = self.objective
         if self._G is not None:
-            total = obj._reduce(self._G.pow(2).sum().reshape(1))
+            total = obj.all_reduce(self._G.pow(2).sum().reshape(1))
         else:
             total = (
                 obj.accumulate(
@@ -123,7 +123,7 @@ class GradientCovarianceOperator(ObjectiveOperator):
     def to_dense(self, *, chunk_size: int = 64, max_dim: int | None = None) -> Tensor:
         """The dense covariance; directly from the per-sample gradients when cached."""
         if self._G is not None and (max_dim is None or self.shape[0] <= max_dim):
-            return self.objective._reduce(self._G.T @ self._G) / self._denominator
+            return self.objective.all_reduce(self._G.T @ self._G) / self._denominator
         return super().to_dense(chunk_size=chunk_size, max_dim=max_dim)
 
 

@@ -7,8 +7,7 @@ from torch import Tensor
 from torch.autograd.graph import saved_tensors_hooks
 
 from lossgeom.curvature._base import ObjectiveOperator
-from lossgeom.objective import Objective
-from lossgeom.objective._objective import hvp_from_graph
+from lossgeom.objective import Objective, hvp_from_graph
 
 __all__ = ["HessianOperator", "hessian"]
 
@@ -48,7 +47,7 @@ class HessianOperator(ObjectiveOperator):
         self._graphs: list[tuple[Tensor, Tensor]] | None = None
         if (
             cache_bytes is None
-            or objective._source.kind == "iterable"
+            or objective.data_kind == "iterable"
             or objective.hvp_backend == "forward-over-reverse"
         ):
             self.cached = False

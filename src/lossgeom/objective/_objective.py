@@ -266,6 +266,16 @@ class Objective:
         return int(self._reduce_cpu(n).item())
 
     @property
+    def local_n_samples(self) -> int:
+        """Samples in one pass over this rank's data."""
+        return self._source.n_samples
+
+    @property
+    def data_kind(self) -> str:
+        """``"tensors"``, ``"dataset"`` (both held in memory, fixed batch order) or ``"iterable"``."""
+        return self._source.kind
+
+    @property
     def data_description(self) -> str:
         """A short description of the data, for reports."""
         return self._source.description
@@ -309,9 +319,9 @@ class Objective:
         named_params = dict(self.model.named_parameters())
         for name in self._frozen_names:
             params[name] = named_params[name].detach()
-        return functional_call(self.model, (params, self._probe_buffers()), (x,))
+        return functional_call(self.model, (params, self.probe_buffers()), (x,))
 
-    def _probe_buffers(self) -> dict[str, Tensor | None]:
+    def probe_buffers(self) -> dict[str, Tensor | None]:
         """Buffers to evaluate with: copies, and in train mode no running statistics.
 
         In train mode normalisation layers use batch statistics; their running
@@ -399,14 +409,15 @@ class Objective:
         if total is None:
             raise ValueError(f"the data yielded no batches while computing the {what}.")
         flat = torch.cat([total.reshape(-1), total.new_tensor([count])])
-        flat = self._reduce(flat)
+        flat = self.all_reduce(flat)
         result = (flat[:-1] / flat[-1]).view(total.shape)
         flags = torch.stack(finite)
         if not bool(flags.all()) or not bool(torch.isfinite(result).all()):
-            self._raise_non_finite(what, flags)
+            self.raise_non_finite(what, flags)
         return result
 
-    def _raise_non_finite(self, what: str, flags: Tensor) -> None:
+    def raise_non_finite(self, what: str, flags: Tensor) -> None:
+        """Raise :class:`NonFiniteError` for the first batch whose flag is False."""
         bad = (~flags).nonzero().flatten().tolist()
         where = (
             f"batch {bad[0]} (of {flags.numel()}"
@@ -424,7 +435,7 @@ class Objective:
     # --------------------------------------------------------------- quantities
     def loss(self, theta: Tensor | None = None) -> float:
         """The mean loss over all samples at ``theta`` (default: the model's)."""
-        theta = self._theta_arg(theta)
+        theta = self.check_theta(theta)
         with torch.no_grad():
             value = self.accumulate(
                 lambda x, y: self.batch_loss(theta, x, y),
@@ -440,7 +451,7 @@ class Objective:
 
     def loss_and_grad(self, theta: Tensor | None = None) -> tuple[float, Tensor]:
         """The mean loss and its gradient in one pass (reverse-mode autograd)."""
-        theta = self._theta_arg(theta)
+        theta = self.check_theta(theta)
 
         def fn(x: Tensor, y: Tensor) -> Tensor:
             with torch.enable_grad():
@@ -470,7 +481,7 @@ class Objective:
             ``H @ V`` with the shape of ``V``.
         """
         check_block(V, self._dim, self._dtype, self._device)
-        theta = self._theta_arg(theta)
+        theta = self.check_theta(theta)
         single = V.ndim == 1
         block = V.unsqueeze(1) if single else V
         m = block.shape[1]
@@ -576,11 +587,12 @@ class Objective:
                 count += int(x.shape[0])
         self.counters.passes += 1
         self.counters.loss += points.shape[0]
-        flat = self._reduce(torch.cat([total, total.new_tensor([count])]))
+        flat = self.all_reduce(torch.cat([total, total.new_tensor([count])]))
         return flat[:-1] / flat[-1]
 
     # ----------------------------------------------------------------- helpers
-    def _theta_arg(self, theta: Tensor | None) -> Tensor:
+    def check_theta(self, theta: Tensor | None) -> Tensor:
+        """Validate a parameter vector (``None``: the model's), returned detached."""
         if theta is None:
             return self.theta
         if (
@@ -600,8 +612,8 @@ class Objective:
         check_block(theta, self._dim, self._dtype, self._device)
         return theta.detach()
 
-    def _reduce(self, t: Tensor) -> Tensor:
-        """Sum ``t`` over ranks (a no-op unless data-parallel)."""
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over ranks (a no-op unless data-parallel); returns the sum."""
         if not self.data_parallel:
             return t
         home = t.device
@@ -611,7 +623,7 @@ class Objective:
         return t.to(home)
 
     def _reduce_cpu(self, t: Tensor) -> Tensor:
-        return self._reduce(t).cpu()
+        return self.all_reduce(t).cpu()
 
     def _comm_device(self) -> torch.device:
         # NCCL reduces on the GPU; gloo (and others) on the CPU.
@@ -643,7 +655,7 @@ class Objective:
         }
         named_params = dict(self.model.named_parameters())
         frozen = {n: named_params[n].detach() for n in self._frozen_names}
-        buffers = self._probe_buffers()
+        buffers = self.probe_buffers()
         with self.probe_mode(), torch.enable_grad():
             try:
                 out = functional_call(self.model, ({**leaves, **frozen}, buffers), (x,))

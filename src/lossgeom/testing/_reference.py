@@ -32,7 +32,7 @@ def _setup(
     theta = (obj.theta if theta is None else theta).detach()
     named = dict(obj.model.named_parameters())
     frozen = {n: p.detach() for n, p in named.items() if n not in obj.names}
-    buffers = obj._probe_buffers()
+    buffers = obj.probe_buffers()
     offsets = [0]
     for n in obj.names:
         offsets.append(offsets[-1] + named[n].numel())
