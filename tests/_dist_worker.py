@@ -20,6 +20,8 @@ def probes(obj, seed=0):
         "grad": obj.grad(),
         "hvp": obj.hvp(V),
         "hvp1": obj.hvp(V[:, 0]),
+        "hessian_kept_graph": lg.hessian(obj) @ V,
+        "hessian_recompute": lg.hessian(obj, cache_bytes=None) @ V,
         "evaluate": obj.evaluate(P),
         "ggn": lg.ggn(obj) @ V,
         "cov": lg.gradient_covariance(obj) @ V,
@@ -43,6 +45,17 @@ def main(out: str) -> None:
     sampler = DistributedSampler(TensorDataset(X, y), shuffle=False)
     loader = DataLoader(TensorDataset(X, y), batch_size=4, sampler=sampler)
     results["loader"] = probes(lg.Objective(model, loss_fn, loader))
+    # parameters that differ between ranks are refused on every rank
+    model, loss_fn, X, y = CASES[0].make()
+    if rank == 1:
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+    try:
+        lg.Objective(model, loss_fn, (X, y))
+        refused = False
+    except ValueError as err:
+        refused = "differ between ranks" in str(err)
+    results["mismatch_refused"] = torch.tensor(refused)
     if rank == 0:
         torch.save(results, out)
     dist.barrier()

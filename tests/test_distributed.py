@@ -53,3 +53,7 @@ def test_sampler_sharded_loader_equals_one_process(distributed_results):
     assert int(distributed_results["loader"]["n_samples"]) == 22
     for key, value in single.items():
         assert rel_err(distributed_results["loader"][key], value) <= 1e-10, key
+
+
+def test_parameters_that_differ_between_ranks_are_refused(distributed_results):
+    assert bool(distributed_results["mismatch_refused"])
