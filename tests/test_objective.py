@@ -373,3 +373,14 @@ def test_float32_model_gives_float32_results_close_to_float64():
     hv32 = f32.hvp(v)
     assert hv32.dtype == torch.float32
     assert rel_err(hv32.double(), f64.hvp(v.double())) <= 1e-5
+
+
+def test_evaluate_returns_non_finite_values_instead_of_raising():
+    model, loss_fn, X, y = MLP.make()
+    obj = lg.Objective(model, loss_fn, (X, y), batch_size=10)
+    P = obj.theta.repeat(2, 1)
+    P[1, 0] = float("nan")
+    out = obj.evaluate(P)
+    assert torch.isfinite(out[0]) and torch.isnan(out[1])
+    with pytest.raises(lg.NonFiniteError):
+        obj.loss(P[1])

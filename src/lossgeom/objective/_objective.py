@@ -376,6 +376,7 @@ class Objective:
         what: str,
         per: Literal["mean", "sum"] = "mean",
         higher_order: bool = True,
+        check_finite: bool = True,
     ) -> Tensor:
         r"""Average a per-batch quantity over all samples and ranks.
 
@@ -390,6 +391,7 @@ class Objective:
             per: whether ``fn`` returns a batch mean or a batch sum.
             higher_order: whether ``fn`` takes second derivatives (see
                 :meth:`probe_mode`).
+            check_finite: raise on non-finite values (``False`` returns them).
 
         Returns:
             The average, a tensor of ``fn``'s shape.
@@ -401,7 +403,8 @@ class Objective:
             for x, y in self.batches():
                 n = int(x.shape[0])
                 value = fn(x, y)
-                finite.append(torch.isfinite(value).all())
+                if check_finite:
+                    finite.append(torch.isfinite(value).all())
                 weighted = value * n if per == "mean" else value
                 total = weighted if total is None else total + weighted
                 count += n
@@ -411,9 +414,10 @@ class Objective:
         flat = torch.cat([total.reshape(-1), total.new_tensor([count])])
         flat = self.all_reduce(flat)
         result = (flat[:-1] / flat[-1]).view(total.shape)
-        flags = torch.stack(finite)
-        if not bool(flags.all()) or not bool(torch.isfinite(result).all()):
-            self.raise_non_finite(what, flags)
+        if check_finite:
+            flags = torch.stack(finite)
+            if not bool(flags.all()) or not bool(torch.isfinite(result).all()):
+                self.raise_non_finite(what, flags)
         return result
 
     def raise_non_finite(self, what: str, flags: Tensor) -> None:
@@ -564,14 +568,10 @@ class Objective:
             or points.ndim != 2
             or points.shape[1] != self._dim
         ):
-            got = (
-                tuple(points.shape)
-                if isinstance(points, Tensor)
-                else type(points).__name__
-            )
             raise ValueError(
                 f"expected points of shape (m, {self._dim}) (one parameter vector per "
-                f"row); got {got}. A single point is points.unsqueeze(0)."
+                f"row); got {_shape_or_type(points)}. A single point is "
+                "points.unsqueeze(0)."
             )
         check_block(points.T, self._dim, self._dtype, self._device)
         if chunk_size is not None and chunk_size < 1:
@@ -579,16 +579,15 @@ class Objective:
         if points.shape[0] == 0:
             return points.new_empty(0)
         batched = vmap(self.batch_loss, in_dims=(0, None, None), chunk_size=chunk_size)
-        total = torch.zeros(points.shape[0], dtype=self._dtype, device=self._device)
-        count = 0
-        with torch.no_grad(), self.probe_mode(higher_order=False):
-            for x, y in self.batches():
-                total = total + batched(points, x, y) * x.shape[0]
-                count += int(x.shape[0])
-        self.counters.passes += 1
+        with torch.no_grad():
+            out = self.accumulate(
+                lambda x, y: batched(points, x, y),
+                what="loss",
+                higher_order=False,
+                check_finite=False,
+            )
         self.counters.loss += points.shape[0]
-        flat = self.all_reduce(torch.cat([total, total.new_tensor([count])]))
-        return flat[:-1] / flat[-1]
+        return out
 
     # ----------------------------------------------------------------- helpers
     def check_theta(self, theta: Tensor | None) -> Tensor:
@@ -600,14 +599,9 @@ class Objective:
             or theta.ndim != 1
             or theta.shape[0] != self._dim
         ):
-            got = (
-                tuple(theta.shape)
-                if isinstance(theta, Tensor)
-                else type(theta).__name__
-            )
             raise ValueError(
                 f"expected theta of shape ({self._dim},) (a flat parameter vector, "
-                f"like obj.theta); got {got}."
+                f"like obj.theta); got {_shape_or_type(theta)}."
             )
         check_block(theta, self._dim, self._dtype, self._device)
         return theta.detach()
@@ -713,6 +707,10 @@ class Objective:
             f"data={self.data_description!r}, mode={self.mode!r}, "
             f"dtype={self._dtype}, device='{self._device}')"
         )
+
+
+def _shape_or_type(x: object) -> object:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
 
 
 def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
