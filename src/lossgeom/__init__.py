@@ -4,11 +4,13 @@ from lossgeom.curvature import (
     GGNOperator,
     GradientCovarianceOperator,
     HessianOperator,
+    eigenvalues,
     ggn,
     gradient_covariance,
     hessian,
+    trace,
 )
-from lossgeom.linalg import DenseOperator, SymmetricOperator
+from lossgeom.linalg import DenseOperator, EigenResult, SymmetricOperator, TraceResult
 from lossgeom.objective import Counters, NonFiniteError, Objective
 
 __version__ = "0.1.0"
@@ -27,4 +29,9 @@ __all__ = [
     "ggn",
     "gradient_covariance",
     "hessian",
+    # spectra
+    "EigenResult",
+    "TraceResult",
+    "eigenvalues",
+    "trace",
 ]

@@ -7,13 +7,17 @@ from lossgeom.curvature.gradient_covariance import (
     gradient_covariance,
 )
 from lossgeom.curvature.hessian import HessianOperator, hessian
+from lossgeom.curvature.spectra import as_operator, eigenvalues, trace
 
 __all__ = [
     "GGNOperator",
     "GradientCovarianceOperator",
     "HessianOperator",
     "ObjectiveOperator",
+    "as_operator",
+    "eigenvalues",
     "ggn",
     "gradient_covariance",
     "hessian",
+    "trace",
 ]

@@ -1,5 +1,16 @@
 """Layer 0: matrix-free linear algebra on symmetric operators (tensors only)."""
 
 from lossgeom.linalg._operator import DenseOperator, SymmetricOperator, check_block
+from lossgeom.linalg.lanczos import EigenResult, lanczos, power_iteration
+from lossgeom.linalg.trace import TraceResult, trace_estimate
 
-__all__ = ["DenseOperator", "SymmetricOperator", "check_block"]
+__all__ = [
+    "DenseOperator",
+    "EigenResult",
+    "SymmetricOperator",
+    "TraceResult",
+    "check_block",
+    "lanczos",
+    "power_iteration",
+    "trace_estimate",
+]

@@ -1,0 +1,437 @@
+"""Extreme eigenvalues of a symmetric operator: restarted block Lanczos, certified.
+
+The method builds an orthonormal basis ``Q`` of a block Krylov space with full
+reorthogonalisation (every new block is projected against all of ``Q`` twice), so
+the projected matrix ``T = Q^T A Q`` is formed explicitly and no "ghost" copies of
+converged eigenvalues appear. When the basis reaches its maximum size it is
+restarted thickly: the wanted Ritz vectors (and a few more on the same side) are
+kept and the Krylov expansion goes on from the last residual block, as in the
+thick-restart Lanczos of Wu & Simon (2000) and the Krylov-Schur method of
+Stewart (2001). A block of ``b`` start vectors finds eigenvalues of multiplicity up
+to ``b``; a single vector finds one copy of a repeated eigenvalue only.
+
+Stopping uses the Ritz residual ``||A u - theta u||``, known without extra
+products from the relation ``A Q = Q T + Q_next B E^T``; the returned residuals
+are recomputed explicitly at the end (``k`` more products), so they certify the
+result rather than the algorithm's belief about it.
+
+Written here rather than taken from ``scipy.sparse.linalg.eigsh`` because we need
+blocks of vectors per product (one batched pass over the data), warm starts from
+previous eigenvectors, tensors on the operator's device, and explicit residuals.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lossgeom.linalg._operator import SymmetricOperator
+
+__all__ = ["EigenResult", "lanczos", "power_iteration"]
+
+Which = Literal["largest", "smallest", "both", "magnitude"]
+_WHICH = ("largest", "smallest", "both", "magnitude")
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Eigenpairs with their certificates.
+
+    Attributes:
+        values: eigenvalue estimates; descending for ``"largest"``, ``"both"`` and
+            ``"magnitude"`` (by absolute value), ascending for ``"smallest"``.
+        vectors: unit eigenvector estimates, shape ``(d, k)``.
+        residuals: ``||A u_i - lambda_i u_i||`` for each pair, computed explicitly.
+        converged: ``residuals <= tol * spectral_scale`` per pair.
+        n_matvecs: products with the operator, the final residual check included.
+        seconds: wall time.
+        method: ``"lanczos"`` or ``"power"``.
+        which: which end of the spectrum.
+        tol: the relative residual tolerance.
+        spectral_scale: the largest absolute Ritz value seen (an estimate of
+            ``||A||``); residuals are judged relative to it.
+        n_restarts: thick restarts (Lanczos) or total iterations (power).
+    """
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    converged: Tensor
+    n_matvecs: int
+    seconds: float
+    method: str
+    which: str
+    tol: float
+    spectral_scale: float
+    n_restarts: int = 0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every pair met the tolerance."""
+        return bool(self.converged.all())
+
+    def to_dict(self) -> dict:
+        """Plain numbers for JSON (vectors left out)."""
+        return {
+            "values": self.values.tolist(),
+            "residuals": self.residuals.tolist(),
+            "converged": self.converged.tolist(),
+            "n_matvecs": self.n_matvecs,
+            "seconds": self.seconds,
+            "method": self.method,
+            "which": self.which,
+            "tol": self.tol,
+            "spectral_scale": self.spectral_scale,
+            "n_restarts": self.n_restarts,
+            **self.info,
+        }
+
+
+def _check_args(op: SymmetricOperator, k: int, which: str, tol: float) -> int:
+    if not hasattr(op, "shape") or not hasattr(op, "__matmul__"):
+        raise TypeError(
+            "expected a symmetric operator with .shape and @ (e.g. lg.hessian(obj)); "
+            f"got {type(op).__name__}."
+        )
+    d = op.shape[0]
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}; got {which!r}.")
+    wanted = 2 * k if which == "both" else k
+    if not isinstance(k, int) or k < 1 or wanted > d:
+        raise ValueError(
+            f"k must be an integer with 1 <= k <= d = {d}"
+            + (" (and 2k <= d for which='both')" if which == "both" else "")
+            + f"; got k={k!r}."
+        )
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(
+            f"tol must be a positive number (a relative residual, e.g. 1e-6); got {tol!r}."
+        )
+    return wanted
+
+
+def _select(theta: Tensor, k: int, which: str, extra: int = 0) -> Tensor:
+    """Indices (into ascending ``theta``) of the wanted Ritz values, plus ``extra``."""
+    n = theta.numel()
+    if which == "largest":
+        return torch.arange(n - 1, max(n - 1 - k - extra, -1), -1, device=theta.device)
+    if which == "smallest":
+        return torch.arange(0, min(k + extra, n), device=theta.device)
+    if which == "magnitude":
+        return torch.argsort(theta.abs(), descending=True)[: k + extra]
+    half = k // 2
+    top = torch.arange(n - 1, max(n - 1 - half - extra // 2, -1), -1, device=theta.device)
+    bottom = torch.arange(0, min(k - half + extra - extra // 2, n), device=theta.device)
+    bottom = bottom[~torch.isin(bottom, top)]
+    return torch.cat([top, bottom.flip(0)])
+
+
+def _orth_refill(
+    W: Tensor, Q: Tensor, gen: torch.Generator, drop_tol: float
+) -> tuple[Tensor, Tensor]:
+    """Orthonormalise ``W`` against ``Q`` and itself: ``W = Qn @ B``.
+
+    Columns of ``W`` that are (numerically) dependent are replaced by random
+    vectors orthogonal to everything so far, with zero rows in ``B``: the Krylov
+    space found an invariant subspace and the search continues elsewhere. Returns
+    fewer columns when ``Q`` already spans the whole space.
+    """
+    d, b = W.shape
+    Qn, B = torch.linalg.qr(W)
+    diag = B.diagonal().abs()
+    scale = W.norm(dim=0).max().clamp_min(torch.finfo(W.dtype).tiny)
+    bad = diag <= drop_tol * scale
+    if bad.any():
+        B = B.clone()
+        B[bad] = 0
+        good = Qn[:, ~bad]
+        basis = torch.cat([Q, good], 1)
+        fills = []
+        for _ in range(int(bad.sum())):
+            if basis.shape[1] + len(fills) >= d:
+                break
+            z = torch.randn(d, 1, generator=gen, dtype=W.dtype, device=W.device)
+            allq = torch.cat([basis, *fills], 1)
+            for _ in range(2):
+                z = z - allq @ (allq.T @ z)
+            z = z / z.norm()
+            fills.append(z)
+        cols, f = [], iter(fills)
+        keep_rows = []
+        for j in range(b):
+            if not bad[j]:
+                cols.append(Qn[:, j : j + 1])
+                keep_rows.append(j)
+            else:
+                nxt = next(f, None)
+                if nxt is not None:
+                    cols.append(nxt)
+                    keep_rows.append(j)
+        Qn = torch.cat(cols, 1) if cols else W.new_zeros(d, 0)
+        B = B[keep_rows]
+    return Qn, B
+
+
+def _check_symmetric(op: SymmetricOperator, gen: torch.Generator) -> int:
+    """Refuse an operator with ``u . A v != v . A u`` on a random pair; returns 2."""
+    d = op.shape[0]
+    U = torch.randn(d, 2, generator=gen, dtype=op.dtype, device=op.device)
+    AU = op @ U
+    if not bool(torch.isfinite(AU).all()):
+        raise ValueError(
+            "the operator returned non-finite values (NaN or inf) for a finite "
+            "input; check the model and data at these parameters."
+        )
+    a, b = float(U[:, 0] @ AU[:, 1]), float(U[:, 1] @ AU[:, 0])
+    size = float(AU.norm() * U.norm()) + 1e-300
+    if abs(a - b) > 1e3 * math.sqrt(d) * torch.finfo(op.dtype).eps * size:
+        raise ValueError(
+            "the operator is not symmetric: on a random pair u, v, u.(A v) = "
+            f"{a:.6e} but v.(A u) = {b:.6e}. Eigenvalue methods here need a "
+            "symmetric operator (a Hessian, GGN or covariance)."
+        )
+    return 2
+
+
+def lanczos(
+    op: SymmetricOperator,
+    k: int = 5,
+    *,
+    which: Which = "largest",
+    tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    block_size: int | None = None,
+    ncv: int | None = None,
+    v0: Tensor | None = None,
+    check_symmetry: bool = True,
+) -> EigenResult:
+    """Extreme eigenpairs by restarted block Lanczos with full reorthogonalisation.
+
+    Args:
+        op: symmetric operator (``op @ V`` for ``V`` of shape ``(d, b)``).
+        k: eigenpairs wanted (from each end for ``which="both"``).
+        which: ``"largest"``, ``"smallest"``, ``"both"`` or ``"magnitude"``.
+        tol: stop when every wanted Ritz residual is at most ``tol`` times the
+            spectral scale (the largest absolute Ritz value).
+        max_matvecs: budget of products (default ``max(600, 40 * k * b)``, at
+            most enough to span the whole space a few times).
+        seed: seed of the random start block.
+        block_size: vectors per product; eigenvalues of multiplicity up to
+            ``block_size`` are certain to be found (a single vector finds repeats
+            through rounding only; reliably in our tests). Default 1.
+        ncv: largest basis size before a restart (default ``max(2 k + 4 b, 40)``
+            rounded to a multiple of ``b``, at most ``d``).
+        v0: warm start, e.g. the ``vectors`` of a previous result, shape
+            ``(d, j)``; random columns fill the block.
+        check_symmetry: test ``u . A v == v . A u`` on a random pair first (two
+            products, counted) and refuse a non-symmetric operator.
+
+    Returns:
+        An :class:`EigenResult`.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> from lossgeom.linalg import DenseOperator
+        >>> res = lanczos(DenseOperator(A), k=3, tol=1e-10)
+        >>> [round(v, 8) for v in res.values.tolist()], res.all_converged
+        ([100.0, 99.0, 98.0], True)
+    """
+    start = time.perf_counter()
+    wanted = _check_args(op, k, which, tol)
+    d = op.shape[0]
+    dtype, device = op.dtype, op.device
+    b = 1 if block_size is None else int(block_size)
+    if b < 1 or b > d:
+        raise ValueError(f"block_size must be between 1 and d = {d}; got {block_size!r}.")
+    m_max = ncv if ncv is not None else max(2 * wanted + 4 * b, 40)
+    m_max = min(d, max(b * math.ceil(m_max / b), wanted + 2 * b))
+    budget = max_matvecs if max_matvecs is not None else max(600, 40 * wanted * b)
+    if budget < b:
+        raise ValueError(f"max_matvecs must be at least block_size = {b}; got {budget}.")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    eps = torch.finfo(dtype).eps
+
+    X = torch.randn(d, b, generator=gen, dtype=dtype, device=device)
+    if v0 is not None:
+        if not isinstance(v0, Tensor) or v0.shape[0] != d:
+            raise ValueError(
+                f"v0 must be a tensor of shape ({d},) or ({d}, j); got "
+                f"{tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__}."
+            )
+        V0 = v0.reshape(d, -1).to(device=device, dtype=dtype)[:, :b]
+        X[:, : V0.shape[1]] = V0 + 1e-3 * V0.norm(dim=0) / math.sqrt(d) * X[:, : V0.shape[1]]
+    Q = X.new_zeros(d, 0)
+    Qn, _ = _orth_refill(X, Q, gen, 1e3 * eps)
+    n_mv = _check_symmetric(op, gen) if check_symmetry else 0
+    T = torch.zeros(0, 0, dtype=torch.float64, device=device)
+    B_last = torch.zeros(0, 0, dtype=torch.float64, device=device)
+    restarts = 0
+    scale = 0.0
+
+    while True:
+        # expand the basis block by block
+        while Qn.shape[1] > 0 and Q.shape[1] + Qn.shape[1] <= m_max and n_mv < budget:
+            W = op @ Qn
+            n_mv += Qn.shape[1]
+            if not bool(torch.isfinite(W).all()):
+                raise ValueError(
+                    "the operator returned non-finite values (NaN or inf) for a "
+                    "finite input; check the model and data at these parameters."
+                )
+            Q = torch.cat([Q, Qn], 1)
+            H = Q.T @ W
+            W = W - Q @ H
+            H2 = Q.T @ W
+            W = W - Q @ H2
+            H = (H + H2).double()
+            n, nb = Q.shape[1], Qn.shape[1]
+            T_new = torch.zeros(n, n, dtype=torch.float64, device=device)
+            T_new[: n - nb, : n - nb] = T
+            T_new[:, n - nb :] = H
+            T_new[n - nb :, :] = H.T
+            T_new[n - nb :, n - nb :] = (H[n - nb :] + H[n - nb :].T) / 2
+            T = T_new
+            Qn, B = _orth_refill(W, Q, gen, 1e3 * eps)
+            B_last = B.double()
+            if Q.shape[1] >= d:
+                Qn = Q.new_zeros(d, 0)
+                B_last = torch.zeros(0, nb, dtype=torch.float64, device=device)
+
+        theta, S = torch.linalg.eigh(T)
+        scale = max(scale, float(theta.abs().max()))
+        nb = B_last.shape[1]
+        if B_last.numel():
+            res = (B_last @ S[-nb:, :]).norm(dim=0)
+        else:
+            res = torch.zeros_like(theta)
+        idx = _select(theta, wanted, which)
+        done = bool((res[idx] <= tol * max(scale, 1e-300)).all())
+        if done or n_mv >= budget or Qn.shape[1] == 0:
+            break
+        # thick restart: keep the wanted Ritz vectors and some more on their side
+        room = m_max - Qn.shape[1]
+        extra = max(0, min(room - wanted, max(wanted, 2 * b)))
+        keep = _select(theta, wanted, which, extra=extra)[: max(room, 1)]
+        Sk = S[:, keep].to(dtype)
+        Q = Q @ Sk
+        T = torch.diag(theta[keep])
+        # A Q_keep = Q_keep Theta + Qn (B_last S_last): the coupling appears in T when
+        # Qn's products are projected on the next expansion.
+        restarts += 1
+
+    values = theta[idx]
+    vectors = Q @ S[:, idx].to(dtype)
+    vectors = vectors / vectors.norm(dim=0)
+    AV = op @ vectors
+    n_mv += vectors.shape[1]
+    residuals = (AV - vectors * values.to(dtype)).norm(dim=0).double()
+    values = values.to(dtype)
+    if which == "magnitude":
+        order = torch.argsort(values.abs(), descending=True)
+    elif which == "smallest":
+        order = torch.argsort(values)
+    else:
+        order = torch.argsort(values, descending=True)
+    values, vectors, residuals = values[order], vectors[:, order], residuals[order]
+    converged = residuals <= tol * max(scale, 1e-300)
+    return EigenResult(
+        values=values,
+        vectors=vectors,
+        residuals=residuals.to(dtype),
+        converged=converged,
+        n_matvecs=n_mv,
+        seconds=time.perf_counter() - start,
+        method="lanczos",
+        which=which,
+        tol=float(tol),
+        spectral_scale=scale,
+        n_restarts=restarts,
+        info={"block_size": b, "ncv": m_max},
+    )
+
+
+def power_iteration(
+    op: SymmetricOperator,
+    k: int = 5,
+    *,
+    tol: float = 1e-3,
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    max_iter: int = 100,
+) -> EigenResult:
+    """Top-``k`` eigenvalues by magnitude with deflated power iteration.
+
+    Kept to compare with the literature (PyHessian's method): each eigenvector is
+    iterated against the previous ones (Gram-Schmidt deflation) until the Rayleigh
+    quotient changes by less than ``tol`` relatively, or ``max_iter`` products.
+    It converges slowly when eigenvalues are close and finds eigenvalues of
+    largest magnitude, not largest value. The returned residuals are explicit.
+
+    Args:
+        op: symmetric operator.
+        k: eigenpairs.
+        tol: relative change of the Rayleigh quotient that stops an eigenvector.
+        max_matvecs: overall budget (default ``k * max_iter``).
+        seed: seed of the start vectors.
+        max_iter: products per eigenvector at most.
+
+    Returns:
+        An :class:`EigenResult` with values sorted by magnitude (descending).
+    """
+    start = time.perf_counter()
+    _check_args(op, k, "magnitude", tol)
+    d = op.shape[0]
+    gen = torch.Generator(device=op.device).manual_seed(seed)
+    budget = max_matvecs if max_matvecs is not None else k * max_iter
+    vecs: list[Tensor] = []
+    vals: list[float] = []
+    n_mv = 0
+    for _ in range(k):
+        v = torch.randn(d, generator=gen, dtype=op.dtype, device=op.device)
+        lam = None
+        for _ in range(max_iter):
+            for u in vecs:
+                v = v - torch.dot(u, v) * u
+            v = v / v.norm()
+            if n_mv >= budget:
+                break
+            w = op @ v
+            n_mv += 1
+            new = float(torch.dot(v, w))
+            v = w
+            if lam is not None and abs(new - lam) <= tol * (abs(lam) + 1e-300):
+                lam = new
+                break
+            lam = new
+        for u in vecs:
+            v = v - torch.dot(u, v) * u
+        v = v / v.norm()
+        vecs.append(v)
+        vals.append(lam if lam is not None else float("nan"))
+    V = torch.stack(vecs, 1)
+    values = torch.tensor(vals, dtype=op.dtype, device=op.device)
+    AV = op @ V
+    n_mv += k
+    residuals = (AV - V * values).norm(dim=0)
+    scale = float(values.abs().max())
+    order = torch.argsort(values.abs(), descending=True)
+    return EigenResult(
+        values=values[order],
+        vectors=V[:, order],
+        residuals=residuals[order],
+        converged=residuals[order] <= tol * scale,
+        n_matvecs=n_mv,
+        seconds=time.perf_counter() - start,
+        method="power",
+        which="magnitude",
+        tol=float(tol),
+        spectral_scale=scale,
+        n_restarts=0,
+    )
