@@ -39,6 +39,7 @@ def eigenvalues(
     method: Literal["lanczos", "power"] = "lanczos",
     block_size: int | None = None,
     v0: Tensor | None = None,
+    verify: bool = True,
 ) -> EigenResult:
     """Extreme eigenvalues with residual certificates.
 
@@ -57,6 +58,8 @@ def eigenvalues(
         method: ``"lanczos"`` or ``"power"``.
         block_size: Lanczos block size (finds multiplicities up to it).
         v0: warm-start vectors ``(d, j)``.
+        verify: search the deflated operator once more for a missed eigenvalue
+            (a further copy of a repeated one); turn off for cheap tracking.
 
     Returns:
         :class:`~lossgeom.linalg.lanczos.EigenResult` with ``values``,
@@ -73,6 +76,7 @@ def eigenvalues(
             seed=seed,
             block_size=block_size,
             v0=v0,
+            verify=verify,
         )
     if method == "power":
         if which != "magnitude":

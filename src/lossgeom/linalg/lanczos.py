@@ -126,7 +126,9 @@ def _select(theta: Tensor, k: int, which: str, extra: int = 0) -> Tensor:
     if which == "magnitude":
         return torch.argsort(theta.abs(), descending=True)[: k + extra]
     half = k // 2
-    top = torch.arange(n - 1, max(n - 1 - half - extra // 2, -1), -1, device=theta.device)
+    top = torch.arange(
+        n - 1, max(n - 1 - half - extra // 2, -1), -1, device=theta.device
+    )
     bottom = torch.arange(0, min(k - half + extra - extra // 2, n), device=theta.device)
     bottom = bottom[~torch.isin(bottom, top)]
     return torch.cat([top, bottom.flip(0)])
@@ -203,6 +205,7 @@ def lanczos(
     op: SymmetricOperator,
     k: int = 5,
     *,
+    verify: bool = True,
     which: Which = "largest",
     tol: float = 1e-6,
     max_matvecs: int | None = None,
@@ -232,6 +235,11 @@ def lanczos(
             ``(d, j)``; random columns fill the block.
         check_symmetry: test ``u . A v == v . A u`` on a random pair first (two
             products, counted) and refuse a non-symmetric operator.
+        verify: after convergence, search the operator deflated of the found
+            eigenvectors from a fresh random start; an eigenvalue that belongs
+            among the wanted ones (a missed copy of a repeated eigenvalue, which
+            a Krylov space of block size ``b`` cannot see beyond multiplicity
+            ``b``) is added and the search repeats. Costs one more short run.
 
     Returns:
         An :class:`EigenResult`.
@@ -244,17 +252,135 @@ def lanczos(
         ([100.0, 99.0, 98.0], True)
     """
     start = time.perf_counter()
+    res = _lanczos_core(
+        op,
+        k,
+        which=which,
+        tol=tol,
+        max_matvecs=max_matvecs,
+        seed=seed,
+        block_size=block_size,
+        ncv=ncv,
+        v0=v0,
+        check_symmetry=check_symmetry,
+    )
+    if not verify or which == "both":
+        return res
+    budget = (
+        max_matvecs
+        if max_matvecs is not None
+        else max(600, 40 * k * res.info["block_size"])
+    )
+    used, rounds = res.n_matvecs, 0
+    values, vectors, residuals = res.values, res.vectors, res.residuals
+    scale = res.spectral_scale
+
+    def key(v: Tensor) -> Tensor:  # larger key = more wanted
+        return v if which == "largest" else -v if which == "smallest" else v.abs()
+
+    while res.all_converged and used < budget and vectors.shape[1] < op.shape[0]:
+        rounds += 1
+        shift = {"largest": -2.0, "smallest": 2.0, "magnitude": 0.0}[which] * (
+            scale + 1.0
+        )
+        probe = _lanczos_core(
+            _Deflated(op, vectors, shift),
+            1,
+            which=which,
+            tol=tol,
+            max_matvecs=min(budget - used, max(80, 4 * k)),
+            seed=seed + 7919 * rounds,
+            block_size=1,
+            check_symmetry=False,
+        )
+        used += probe.n_matvecs
+        scale = max(scale, probe.spectral_scale)
+        theta, u = probe.values[:1], probe.vectors[:, :1]
+        worst = key(values[:k]).min()
+        if not probe.all_converged or bool(key(theta)[0] < worst - tol * scale):
+            break
+        # a missed eigenvalue (e.g. another copy of a repeated one): add it
+        r = (op @ u - u * theta).norm(dim=0)
+        used += 1
+        values = torch.cat([values, theta])
+        vectors = torch.cat([vectors, u], 1)
+        residuals = torch.cat([residuals, r.to(residuals.dtype)])
+        order = torch.argsort(key(values), descending=True)
+        values, vectors, residuals = values[order], vectors[:, order], residuals[order]
+    if which == "smallest":
+        order = torch.argsort(values[:k])
+    elif which == "magnitude":
+        order = torch.argsort(values[:k].abs(), descending=True)
+    else:
+        order = torch.argsort(values[:k], descending=True)
+    values, vectors, residuals = (
+        values[:k][order],
+        vectors[:, :k][:, order],
+        residuals[:k][order],
+    )
+    info = dict(res.info, verify_rounds=rounds, missed_found=max(0, rounds - 1))
+    return EigenResult(
+        values=values,
+        vectors=vectors,
+        residuals=residuals,
+        converged=residuals <= tol * max(scale, 1e-300),
+        n_matvecs=used,
+        seconds=time.perf_counter() - start,
+        method="lanczos",
+        which=which,
+        tol=float(tol),
+        spectral_scale=scale,
+        n_restarts=res.n_restarts,
+        info=info,
+    )
+
+
+class _Deflated(SymmetricOperator):
+    """``P A P + shift U U^T`` with ``P = I - U U^T``: A with found eigenvectors moved.
+
+    The found directions get the eigenvalue ``shift``, chosen on the unwanted side
+    of the spectrum, so a search for the wanted end cannot return them.
+    """
+
+    def __init__(self, op: SymmetricOperator, U: Tensor, shift: float):
+        super().__init__(op.shape[0], op.dtype, op.device)
+        self.op, self.U, self.shift = op, U, shift
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        C = self.U.T @ V
+        W = self.op @ (V - self.U @ C)
+        return W - self.U @ (self.U.T @ W) + self.shift * (self.U @ C)
+
+
+def _lanczos_core(
+    op: SymmetricOperator,
+    k: int,
+    *,
+    which: Which,
+    tol: float,
+    max_matvecs: int | None,
+    seed: int,
+    block_size: int | None,
+    ncv: int | None = None,
+    v0: Tensor | None = None,
+    check_symmetry: bool = True,
+) -> EigenResult:
+    start = time.perf_counter()
     wanted = _check_args(op, k, which, tol)
     d = op.shape[0]
     dtype, device = op.dtype, op.device
     b = 1 if block_size is None else int(block_size)
     if b < 1 or b > d:
-        raise ValueError(f"block_size must be between 1 and d = {d}; got {block_size!r}.")
+        raise ValueError(
+            f"block_size must be between 1 and d = {d}; got {block_size!r}."
+        )
     m_max = ncv if ncv is not None else max(2 * wanted + 4 * b, 40)
     m_max = min(d, max(b * math.ceil(m_max / b), wanted + 2 * b))
     budget = max_matvecs if max_matvecs is not None else max(600, 40 * wanted * b)
     if budget < b:
-        raise ValueError(f"max_matvecs must be at least block_size = {b}; got {budget}.")
+        raise ValueError(
+            f"max_matvecs must be at least block_size = {b}; got {budget}."
+        )
     gen = torch.Generator(device=device).manual_seed(seed)
     eps = torch.finfo(dtype).eps
 
@@ -265,8 +391,17 @@ def lanczos(
                 f"v0 must be a tensor of shape ({d},) or ({d}, j); got "
                 f"{tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__}."
             )
-        V0 = v0.reshape(d, -1).to(device=device, dtype=dtype)[:, :b]
-        X[:, : V0.shape[1]] = V0 + 1e-3 * V0.norm(dim=0) / math.sqrt(d) * X[:, : V0.shape[1]]
+        V0 = v0.reshape(d, -1).to(device=device, dtype=dtype)
+        V0 = V0 / V0.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)
+        # fold extra columns into the block round-robin: a start vector that mixes
+        # previous eigenvectors puts all of them into the Krylov space early
+        start_block = torch.zeros(d, min(b, V0.shape[1]), dtype=dtype, device=device)
+        for j in range(V0.shape[1]):
+            start_block[:, j % b] += V0[:, j]
+        j0 = start_block.shape[1]
+        X[:, :j0] = (
+            start_block + 1e-3 * start_block.norm(dim=0) / math.sqrt(d) * X[:, :j0]
+        )
     Q = X.new_zeros(d, 0)
     Qn, _ = _orth_refill(X, Q, gen, 1e3 * eps)
     n_mv = _check_symmetric(op, gen) if check_symmetry else 0
@@ -276,8 +411,8 @@ def lanczos(
     scale = 0.0
 
     while True:
-        # expand the basis block by block
-        while Qn.shape[1] > 0 and Q.shape[1] + Qn.shape[1] <= m_max and n_mv < budget:
+        # expand the basis by one block
+        if Qn.shape[1] > 0 and Q.shape[1] + Qn.shape[1] <= m_max and n_mv < budget:
             W = op @ Qn
             n_mv += Qn.shape[1]
             if not bool(torch.isfinite(W).all()):
@@ -304,6 +439,7 @@ def lanczos(
                 Qn = Q.new_zeros(d, 0)
                 B_last = torch.zeros(0, nb, dtype=torch.float64, device=device)
 
+        # Rayleigh-Ritz on the projected matrix (small: at most ncv x ncv)
         theta, S = torch.linalg.eigh(T)
         scale = max(scale, float(theta.abs().max()))
         nb = B_last.shape[1]
@@ -311,20 +447,24 @@ def lanczos(
             res = (B_last @ S[-nb:, :]).norm(dim=0)
         else:
             res = torch.zeros_like(theta)
-        idx = _select(theta, wanted, which)
-        done = bool((res[idx] <= tol * max(scale, 1e-300)).all())
-        if done or n_mv >= budget or Qn.shape[1] == 0:
+        if theta.numel() >= wanted:
+            idx = _select(theta, wanted, which)
+            done = bool((res[idx] <= tol * max(scale, 1e-300)).all())
+            if done or n_mv >= budget or Qn.shape[1] == 0:
+                break
+        elif n_mv >= budget or Qn.shape[1] == 0:
+            idx = _select(theta, theta.numel(), "largest")
             break
-        # thick restart: keep the wanted Ritz vectors and some more on their side
-        room = m_max - Qn.shape[1]
-        extra = max(0, min(room - wanted, max(wanted, 2 * b)))
-        keep = _select(theta, wanted, which, extra=extra)[: max(room, 1)]
-        Sk = S[:, keep].to(dtype)
-        Q = Q @ Sk
-        T = torch.diag(theta[keep])
-        # A Q_keep = Q_keep Theta + Qn (B_last S_last): the coupling appears in T when
-        # Qn's products are projected on the next expansion.
-        restarts += 1
+        if Q.shape[1] + Qn.shape[1] > m_max:
+            # thick restart: keep the wanted Ritz vectors and some more on their
+            # side; A Q_keep = Q_keep Theta + Qn (B_last S_last), and that coupling
+            # enters T when Qn's products are projected in the next expansion.
+            room = m_max - Qn.shape[1]
+            extra = max(0, min(room - wanted, max(wanted, 2 * b)))
+            keep = _select(theta, wanted, which, extra=extra)[: max(room, 1)]
+            Q = Q @ S[:, keep].to(dtype)
+            T = torch.diag(theta[keep])
+            restarts += 1
 
     values = theta[idx]
     vectors = Q @ S[:, idx].to(dtype)

@@ -67,7 +67,9 @@ class TraceResult:
         }
 
 
-def _rademacher(d: int, m: int, gen: torch.Generator, like: SymmetricOperator) -> Tensor:
+def _rademacher(
+    d: int, m: int, gen: torch.Generator, like: SymmetricOperator
+) -> Tensor:
     bits = torch.randint(0, 2, (d, m), generator=gen, device=like.device)
     return (2 * bits - 1).to(like.dtype)
 
@@ -162,7 +164,9 @@ def trace_estimate(
     gen = torch.Generator(device=op.device).manual_seed(seed)
 
     if method == "hutchinson" or (method == "auto" and n_matvecs < 6):
-        samples, used = _hutchinson_rounds(op, None, n_matvecs, round_size, rel_tol, 0.0, gen)
+        samples, used = _hutchinson_rounds(
+            op, None, n_matvecs, round_size, rel_tol, 0.0, gen
+        )
         return _result(samples, 0.0, used, "hutchinson", start, {"requested": method})
 
     s = max(1, min(n_matvecs // 3, d))
@@ -193,13 +197,19 @@ def trace_estimate(
             info.pop("exact_part")
             info["discarded_matvecs"] = Q.shape[1] + r
             samples = torch.cat([pilot, more])
-            return _result(samples, 0.0, s + Q.shape[1] + r + used, "hutchinson", start, info)
+            return _result(
+                samples, 0.0, s + Q.shape[1] + r + used, "hutchinson", start, info
+            )
         rest, used = _hutchinson_rounds(
             op, Q, remaining - r, round_size, rel_tol, exact, gen
         )
         samples = torch.cat([first, rest])
-        return _result(samples, exact, s + Q.shape[1] + r + used, "hutch++", start, info)
-    samples, used = _hutchinson_rounds(op, Q, max(remaining, 2), round_size, rel_tol, exact, gen)
+        return _result(
+            samples, exact, s + Q.shape[1] + r + used, "hutch++", start, info
+        )
+    samples, used = _hutchinson_rounds(
+        op, Q, max(remaining, 2), round_size, rel_tol, exact, gen
+    )
     return _result(samples, exact, s + Q.shape[1] + used, "hutch++", start, info)
 
 
