@@ -14,7 +14,7 @@ from lossgeom.cli._demo import run_demo
 def test_demo_writes_consistent_results(tmp_path):
     res = run_demo(tmp_path, steps=150, width=8, seed=0)
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk["metrics"] == pytest.approx(res["metrics"])
+    assert on_disk == json.loads(json.dumps(res))
     m, s = res["metrics"], res["dense_spectrum"]
     assert m["train_accuracy"] > 0.85 and m["test_accuracy"] > 0.8
     assert s["d"] == 64 * 8 + 8 + 8 * 10 + 10
@@ -30,6 +30,11 @@ def test_demo_writes_consistent_results(tmp_path):
         <= s["lambda_max"] + 1e-12
     )
     assert m["ggn_curvature_along_gradient"] >= 0
+    # Lanczos top-5 and the trace estimate against the dense spectrum
+    assert m["top_eigenvalues_converged"]
+    assert res["checks"]["top_eigenvalues_max_relative_error"] <= 1e-6
+    assert abs(res["checks"]["trace_vs_exact_in_stderrs"]) <= 4
+    assert m["top_eigenvalues"][0] == pytest.approx(s["lambda_max"], rel=1e-8)
     assert m["noise_scale_simple"] == pytest.approx(
         m["gradient_noise_trace"] / m["grad_norm"] ** 2
     )

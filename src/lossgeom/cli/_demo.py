@@ -106,6 +106,9 @@ def run_demo(
     mean_curv = rayleigh.mean().item()
     mean_curv_se = (rayleigh.std() / n_directions**0.5).item()
 
+    top = lg.eigenvalues(H, 5, tol=1e-8, seed=seed)
+    tr = lg.trace(H, 120, seed=seed)
+
     sigma = lg.gradient_covariance(obj)
     trace_sigma = sigma.trace()
 
@@ -135,6 +138,14 @@ def run_demo(
             "mean_curvature_random": mean_curv,
             "mean_curvature_random_stderr": mean_curv_se,
             "n_random_directions": n_directions,
+            "top_eigenvalues": top.values.tolist(),
+            "top_eigenvalue_residuals": top.residuals.tolist(),
+            "top_eigenvalues_converged": top.all_converged,
+            "top_eigenvalues_matvecs": top.n_matvecs,
+            "hessian_trace": tr.value,
+            "hessian_trace_stderr": tr.stderr,
+            "hessian_trace_method": tr.method,
+            "hessian_trace_matvecs": tr.n_matvecs,
             "gradient_noise_trace": trace_sigma,
             "noise_scale_simple": trace_sigma / g_norm**2,
         },
@@ -169,6 +180,10 @@ def run_demo(
         exact = results["dense_spectrum"]["trace_over_d"]
         results["checks"] = {
             "mean_curvature_vs_exact_in_stderrs": (mean_curv - exact) / mean_curv_se,
+            "trace_vs_exact_in_stderrs": (tr.value - float(evals.sum())) / tr.stderr,
+            "top_eigenvalues_max_relative_error": float(
+                ((top.values - evals.flip(0)[:5]).abs() / evals.flip(0)[:5].abs()).max()
+            ),
         }
     results["work"] = obj.counters.to_dict()
     results["probe_seconds"] = round(time.perf_counter() - probe_start, 3)
@@ -202,6 +217,15 @@ def format_table(results: dict) -> str:
             f"tr(H)/d from {m['n_random_directions']} random directions",
             f"{m['mean_curvature_random']:.4e} +- {m['mean_curvature_random_stderr']:.1e}",
         ),
+        (
+            f"top-5 eigenvalues (Lanczos, {m['top_eigenvalues_matvecs']} HVPs)",
+            ", ".join(f"{v:.4e}" for v in m["top_eigenvalues"]),
+        ),
+        ("  max residual |Hu - lambda u|", f"{max(m['top_eigenvalue_residuals']):.1e}"),
+        (
+            f"tr(H) ({m['hessian_trace_method']}, {m['hessian_trace_matvecs']} HVPs)",
+            f"{m['hessian_trace']:.4e} +- {m['hessian_trace_stderr']:.1e}",
+        ),
         ("tr(Sigma) gradient noise (exact)", f"{m['gradient_noise_trace']:.4e}"),
         ("noise scale B_simple", f"{m['noise_scale_simple']:.1f}"),
     ]
@@ -215,8 +239,16 @@ def format_table(results: dict) -> str:
             ("exact tr(H)/d", f"{s['trace_over_d']:.4e}"),
             ("negative eigenvalues", f"{s['n_negative']} of {s['d']}"),
             (
-                "estimate - exact, in stderrs",
+                "random-direction tr(H)/d - exact, in stderrs",
                 f"{results['checks']['mean_curvature_vs_exact_in_stderrs']:+.2f}",
+            ),
+            (
+                "trace estimate - exact, in stderrs",
+                f"{results['checks']['trace_vs_exact_in_stderrs']:+.2f}",
+            ),
+            (
+                "top-5 max relative error vs exact",
+                f"{results['checks']['top_eigenvalues_max_relative_error']:.1e}",
             ),
         ]
     c = results["cost"]
