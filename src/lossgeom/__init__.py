@@ -4,10 +4,18 @@ from lossgeom.curvature import (
     GGNOperator,
     GradientCovarianceOperator,
     HessianOperator,
+    OutlierResult,
+    SpectralEstimate,
+    condition_number,
+    density,
+    effective_rank,
     eigenvalues,
     ggn,
     gradient_covariance,
     hessian,
+    logdet,
+    negative_mass,
+    outliers,
     trace,
 )
 from lossgeom.linalg import DenseOperator, EigenResult, SymmetricOperator, TraceResult
@@ -32,6 +40,14 @@ __all__ = [
     # spectra
     "EigenResult",
     "TraceResult",
+    "OutlierResult",
+    "SpectralEstimate",
+    "condition_number",
+    "density",
+    "effective_rank",
     "eigenvalues",
+    "logdet",
+    "negative_mass",
+    "outliers",
     "trace",
 ]

@@ -7,13 +7,33 @@ from lossgeom.curvature.gradient_covariance import (
     gradient_covariance,
 )
 from lossgeom.curvature.hessian import HessianOperator, hessian
-from lossgeom.curvature.spectra import as_operator, eigenvalues, trace
+from lossgeom.curvature.spectra import (
+    OutlierResult,
+    SpectralEstimate,
+    as_operator,
+    condition_number,
+    density,
+    effective_rank,
+    eigenvalues,
+    logdet,
+    negative_mass,
+    outliers,
+    trace,
+)
 
 __all__ = [
     "GGNOperator",
     "GradientCovarianceOperator",
     "HessianOperator",
     "ObjectiveOperator",
+    "OutlierResult",
+    "SpectralEstimate",
+    "condition_number",
+    "density",
+    "effective_rank",
+    "logdet",
+    "negative_mass",
+    "outliers",
     "as_operator",
     "eigenvalues",
     "ggn",

@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from lossgeom.curvature.hessian import hessian
 from lossgeom.linalg import SymmetricOperator
+from lossgeom.linalg.density import (
+    DensityResult,
+    Quadrature,
+    kpm_density,
+    slq,
+    slq_density,
+)
 from lossgeom.linalg.lanczos import EigenResult, Which, lanczos, power_iteration
 from lossgeom.linalg.trace import TraceResult, trace_estimate
 from lossgeom.objective import Objective
 
-__all__ = ["as_operator", "eigenvalues", "trace"]
+__all__ = [
+    "OutlierResult",
+    "SpectralEstimate",
+    "as_operator",
+    "condition_number",
+    "density",
+    "effective_rank",
+    "eigenvalues",
+    "logdet",
+    "negative_mass",
+    "outliers",
+    "trace",
+]
 
 
 def as_operator(op: SymmetricOperator | Objective) -> SymmetricOperator:
@@ -115,3 +137,330 @@ def trace(
     return trace_estimate(
         as_operator(op), n_matvecs, method=method, seed=seed, rel_tol=rel_tol
     )
+
+
+@dataclass(frozen=True)
+class SpectralEstimate:
+    """A scalar spectral quantity with its error bar and definition.
+
+    Attributes:
+        value: the estimate.
+        stderr: standard error over probes (jackknife for ratios).
+        n_matvecs: products used.
+        definition: what was estimated, in words and symbols.
+        info: details (probes, steps, parameters).
+    """
+
+    value: float
+    stderr: float
+    n_matvecs: int
+    definition: str
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain numbers for JSON."""
+        return {
+            "value": self.value,
+            "stderr": self.stderr,
+            "n_matvecs": self.n_matvecs,
+            "definition": self.definition,
+            **self.info,
+        }
+
+
+def density(
+    op: SymmetricOperator | Objective,
+    n_probes: int = 10,
+    n_steps: int = 80,
+    *,
+    seed: int = 0,
+    grid: Tensor | int | None = None,
+    sigma: float | None = None,
+    method: Literal["slq", "kpm"] = "slq",
+) -> DensityResult:
+    """The spectral density (integrates to 1) by SLQ or the kernel polynomial method.
+
+    Args:
+        op: an operator, or an Objective (its Hessian).
+        n_probes: random probes.
+        n_steps: Lanczos steps per probe (SLQ) or Chebyshev moments (KPM).
+        seed: seed of the probes.
+        grid: points, a number of points, or ``None``.
+        sigma: Gaussian kernel width for SLQ (default 1% of the spectral range).
+        method: ``"slq"`` (returns the quadrature nodes and weights too) or ``"kpm"``.
+
+    Returns:
+        A :class:`~lossgeom.linalg.density.DensityResult`.
+    """
+    operator = as_operator(op)
+    if method == "slq":
+        return slq_density(
+            operator, n_probes, n_steps, seed=seed, grid=grid, sigma=sigma
+        )
+    if method == "kpm":
+        return kpm_density(operator, n_probes, n_steps, seed=seed, grid=grid)
+    raise ValueError(f"method must be 'slq' or 'kpm'; got {method!r}.")
+
+
+def _quadrature(op, n_probes: int, n_steps: int, seed: int) -> Quadrature:
+    return slq(as_operator(op), n_probes, n_steps, seed=seed)
+
+
+def logdet(
+    op: SymmetricOperator | Objective,
+    shift: float = 0.0,
+    *,
+    n_probes: int = 10,
+    n_steps: int = 80,
+    seed: int = 0,
+) -> SpectralEstimate:
+    """``log det(A + shift I)`` by stochastic Lanczos quadrature, with a standard error.
+
+    ``A + shift I`` must be positive definite; a Ritz value at or below ``-shift``
+    proves it is not, and raises.
+
+    Args:
+        op: an operator, or an Objective (its Hessian).
+        shift: added to every eigenvalue (flatness measures use a small ``eps``).
+        n_probes: random probes.
+        n_steps: Lanczos steps per probe.
+        seed: seed of the probes.
+
+    Returns:
+        A :class:`SpectralEstimate`.
+    """
+    quad = _quadrature(op, n_probes, n_steps, seed)
+    lowest = float(torch.nan_to_num(quad.nodes, nan=float("inf")).min())
+    if lowest + shift <= 0:
+        raise ValueError(
+            f"log det(A + shift I) needs A + shift I positive definite, but a Ritz "
+            f"value is {lowest:.4e}, so A + {shift:g} I has an eigenvalue <= "
+            f"{lowest + shift:.4e}. Use shift > {-lowest:.4e} (e.g. the magnitude of "
+            "lg.eigenvalues(op, 1, which='smallest'))."
+        )
+    value, err = quad.trace_of(lambda x: torch.log((x + shift).clamp_min(1e-300)))
+    return SpectralEstimate(
+        value=value,
+        stderr=err,
+        n_matvecs=quad.n_matvecs,
+        definition=f"log det(A + {shift:g} I) = sum_i log(lambda_i + {shift:g})",
+        info={"shift": shift, "n_probes": n_probes, "n_steps": n_steps},
+    )
+
+
+def negative_mass(
+    op: SymmetricOperator | Objective,
+    *,
+    n_probes: int = 10,
+    n_steps: int = 80,
+    seed: int = 0,
+) -> SpectralEstimate:
+    """The fraction of eigenvalues below zero, with a standard error.
+
+    ``info["negative_weight"]`` is the share of the absolute spectrum on the
+    negative side, ``sum_{lambda<0} |lambda| / sum |lambda|`` (a ratio, jackknifed
+    over probes).
+
+    Args:
+        op: an operator, or an Objective (its Hessian).
+        n_probes: random probes.
+        n_steps: Lanczos steps per probe.
+        seed: seed of the probes.
+
+    Returns:
+        A :class:`SpectralEstimate` of ``#{lambda_i < 0} / d``.
+    """
+    quad = _quadrature(op, n_probes, n_steps, seed)
+    frac, err = quad.trace_of(lambda x: (x < 0).double())
+    d = quad.dim
+    neg = _per_probe(quad, lambda x: torch.where(x < 0, -x, torch.zeros_like(x)))
+    tot = _per_probe(quad, torch.abs)
+    weight, weight_err = _jackknife_ratio(neg, tot)
+    return SpectralEstimate(
+        value=frac / d,
+        stderr=err / d,
+        n_matvecs=quad.n_matvecs,
+        definition="#{i: lambda_i < 0} / d",
+        info={
+            "negative_weight": weight,
+            "negative_weight_stderr": weight_err,
+            "n_probes": n_probes,
+            "n_steps": n_steps,
+        },
+    )
+
+
+def effective_rank(
+    op: SymmetricOperator | Objective,
+    *,
+    n_probes: int = 10,
+    n_steps: int = 80,
+    seed: int = 0,
+) -> SpectralEstimate:
+    """The entropy effective rank of Roy & Vetterli (2007), on ``|lambda|``.
+
+    ``exp(-sum_i p_i log p_i)`` with ``p_i = |lambda_i| / sum_j |lambda_j|``: 1 for
+    a rank-one matrix, ``d`` for a multiple of the identity. Estimated by SLQ as a
+    ratio of traces, with a jackknife standard error over probes.
+
+    Args:
+        op: an operator, or an Objective (its Hessian).
+        n_probes: random probes.
+        n_steps: Lanczos steps per probe.
+        seed: seed of the probes.
+
+    Returns:
+        A :class:`SpectralEstimate`.
+    """
+    quad = _quadrature(op, n_probes, n_steps, seed)
+    absl = _per_probe(quad, torch.abs)
+    xlogx = _per_probe(
+        quad,
+        lambda x: torch.where(
+            x != 0, x.abs() * torch.log(x.abs().clamp_min(1e-300)), torch.zeros_like(x)
+        ),
+    )
+
+    def stat(a: Tensor, b: Tensor) -> Tensor:
+        s = a.mean()
+        return torch.exp(torch.log(s) - b.mean() / s)
+
+    value, err = _jackknife(stat, absl, xlogx)
+    return SpectralEstimate(
+        value=value,
+        stderr=err,
+        n_matvecs=quad.n_matvecs,
+        definition="exp(H(p)), p_i = |lambda_i| / sum_j |lambda_j| (Roy & Vetterli 2007)",
+        info={"n_probes": n_probes, "n_steps": n_steps},
+    )
+
+
+def condition_number(
+    op: SymmetricOperator | Objective,
+    *,
+    shift: float = 0.0,
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> SpectralEstimate:
+    """``lambda_max / lambda_min`` of ``A + shift I``, from both ends by Lanczos.
+
+    Returns ``inf`` (with the smallest eigenvalue in ``info``) when ``A + shift I``
+    is not positive definite. The standard error is propagated from the Ritz
+    residuals (an eigenvalue error is at most its residual norm).
+
+    Args:
+        op: an operator, or an Objective (its Hessian).
+        shift: added to every eigenvalue.
+        tol: relative residual tolerance of the two eigenvalues.
+        seed: seed of the start vectors.
+
+    Returns:
+        A :class:`SpectralEstimate`.
+    """
+    res = eigenvalues(op, 1, which="both", tol=tol, seed=seed)
+    hi, lo = float(res.values[0]) + shift, float(res.values[-1]) + shift
+    info = {
+        "lambda_max": hi,
+        "lambda_min": lo,
+        "converged": res.all_converged,
+        "shift": shift,
+    }
+    if lo <= 0:
+        return SpectralEstimate(
+            float("inf"),
+            float("nan"),
+            res.n_matvecs,
+            "lambda_max / lambda_min (not positive definite)",
+            info,
+        )
+    r_hi, r_lo = float(res.residuals[0]), float(res.residuals[-1])
+    value = hi / lo
+    err = value * math.sqrt((r_hi / hi) ** 2 + (r_lo / lo) ** 2)
+    return SpectralEstimate(
+        value, err, res.n_matvecs, f"lambda_max / lambda_min of A + {shift:g} I", info
+    )
+
+
+@dataclass(frozen=True)
+class OutlierResult:
+    """Eigenvalues that stand apart from the bulk of the spectrum.
+
+    Attributes:
+        values: the outliers (descending).
+        bulk_edge: the largest eigenvalue of the bulk (the first after the outliers).
+        n_outliers: ``len(values)``.
+        gaps: gaps between consecutive top eigenvalues.
+        n_matvecs: products used.
+        definition: the rule used.
+    """
+
+    values: Tensor
+    bulk_edge: float
+    n_outliers: int
+    gaps: Tensor
+    n_matvecs: int
+    definition: str
+
+
+def outliers(
+    op: SymmetricOperator | Objective,
+    *,
+    max_k: int = 20,
+    gap_factor: float = 5.0,
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> OutlierResult:
+    """Top eigenvalues separated from the bulk (e.g. class outliers, Papyan 2020).
+
+    The top ``max_k`` eigenvalues are found by Lanczos; the outliers are the
+    leading ones for which every gap down to the next eigenvalue exceeds
+    ``gap_factor`` times the median gap among the top ``max_k``. A heuristic: near a
+    bulk edge eigenvalues crowd together, outliers do not.
+
+    Args:
+        op: an operator, or an Objective (its Hessian).
+        max_k: eigenvalues examined.
+        gap_factor: how much larger than typical an outlier's gap must be.
+        tol: relative residual tolerance of the eigenvalues.
+        seed: seed of the start vectors.
+
+    Returns:
+        An :class:`OutlierResult`.
+    """
+    k = min(max_k, as_operator(op).shape[0])
+    res = eigenvalues(op, k, tol=tol, seed=seed)
+    vals = res.values
+    gaps = vals[:-1] - vals[1:]
+    typical = gaps.median() if gaps.numel() else vals.new_tensor(0.0)
+    n = 0
+    while n < gaps.numel() and bool(gaps[n] > gap_factor * typical):
+        n += 1
+    return OutlierResult(
+        values=vals[:n],
+        bulk_edge=float(vals[n]) if n < vals.numel() else float("nan"),
+        n_outliers=n,
+        gaps=gaps,
+        n_matvecs=res.n_matvecs,
+        definition=f"leading eigenvalues whose gap to the next exceeds {gap_factor:g} x the median gap of the top {k}",
+    )
+
+
+def _per_probe(quad: Quadrature, f) -> Tensor:
+    nodes = torch.nan_to_num(quad.nodes, nan=0.0)
+    return (quad.weights * f(nodes) * (quad.weights > 0)).sum(1) * quad.dim
+
+
+def _jackknife(stat, *samples: Tensor) -> tuple[float, float]:
+    n = samples[0].numel()
+    full = float(stat(*samples))
+    if n < 2:
+        return full, float("inf")
+    loo = torch.stack(
+        [stat(*(s[torch.arange(n) != i] for s in samples)) for i in range(n)]
+    )
+    err = math.sqrt((n - 1) / n * float(((loo - loo.mean()) ** 2).sum()))
+    return full, err
+
+
+def _jackknife_ratio(a: Tensor, b: Tensor) -> tuple[float, float]:
+    return _jackknife(lambda x, y: x.mean() / y.mean(), a, b)

@@ -1,15 +1,27 @@
 """Layer 0: matrix-free linear algebra on symmetric operators (tensors only)."""
 
 from lossgeom.linalg._operator import DenseOperator, SymmetricOperator, check_block
+from lossgeom.linalg.density import (
+    DensityResult,
+    Quadrature,
+    kpm_density,
+    slq,
+    slq_density,
+)
 from lossgeom.linalg.lanczos import EigenResult, lanczos, power_iteration
 from lossgeom.linalg.trace import TraceResult, trace_estimate
 
 __all__ = [
     "DenseOperator",
+    "DensityResult",
+    "Quadrature",
     "EigenResult",
     "SymmetricOperator",
     "TraceResult",
     "check_block",
+    "kpm_density",
+    "slq",
+    "slq_density",
     "lanczos",
     "power_iteration",
     "trace_estimate",
