@@ -150,3 +150,14 @@ def rel_err(a, b) -> float:
     """Relative error ||a - b|| / ||b|| in the Frobenius norm."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def rotated(eigs, seed=0):
+    """A dense symmetric operator with eigenvalues ``eigs`` in a random basis."""
+    from lossgeom.linalg import DenseOperator
+
+    gen = torch.Generator().manual_seed(seed)
+    d = eigs.numel()
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=DTYPE))
+    A = (Q * eigs) @ Q.T
+    return DenseOperator((A + A.T) / 2)

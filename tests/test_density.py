@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-from cases import DTYPE
-from test_spectra import rotated
 
 import lossgeom as lg
+from cases import DTYPE, rotated
 from lossgeom.linalg import DenseOperator, slq
 from lossgeom.zoo import digits, mlp
 

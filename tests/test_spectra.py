@@ -6,17 +6,9 @@ import pytest
 import torch
 
 import lossgeom as lg
-from cases import CASES, DTYPE
+from cases import CASES, DTYPE, rotated
 from lossgeom.linalg import DenseOperator, SymmetricOperator
 from lossgeom.testing import exact_hessian
-
-
-def rotated(eigs, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    d = eigs.numel()
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=DTYPE))
-    A = (Q * eigs) @ Q.T
-    return DenseOperator((A + A.T) / 2)
 
 
 def assert_close_spectrum(values, truth, scale):
