@@ -40,7 +40,19 @@ def test_demo_writes_consistent_results(tmp_path):
     )
     assert res["objective"]["mode"] == "eval" and res["objective"]["dtype"] == "float64"
     assert res["work"]["hvp"] > 0 and res["cost"]["hvp_seconds"] > 0
-    assert not list(tmp_path.glob(".*.tmp"))  # no temp files left behind
+    assert not list(tmp_path.glob(".*.tmp*"))  # no temp files left behind
+    png = tmp_path / "spectral_density.png"
+    assert (
+        res["density"]["plot"] == png.name
+        and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    )
+    # the SLQ negative fraction agrees with the exact count
+    exact_neg = s["n_below_1pct_of_lambda_max"] / s["d"]
+    dn = res["density"]
+    assert (
+        abs(dn["negative_fraction"] - exact_neg)
+        <= 4 * dn["negative_fraction_stderr"] + 0.02
+    )
 
 
 def test_demo_gradient_noise_trace_is_exact(tmp_path):

@@ -111,6 +111,10 @@ def test_logdet_negative_mass_and_effective_rank_against_exact():
     assert abs(ld.value - torch.log(eigs + shift).sum().item()) <= 4 * ld.stderr
     neg = lg.negative_mass(op, n_probes=20, n_steps=60)
     assert abs(neg.value - 40 / d) <= 4 * neg.stderr + 1e-3
+    assert neg.info["resolution"] > 0
+    below = lg.negative_mass(op, 0.2, n_probes=20, n_steps=60)
+    exact_below = (eigs < -0.2).double().mean().item()
+    assert abs(below.value - exact_below) <= 4 * below.stderr + 1e-2
     exact_w = eigs[eigs < 0].abs().sum() / eigs.abs().sum()
     assert (
         abs(neg.info["negative_weight"] - exact_w.item())

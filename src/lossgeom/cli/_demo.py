@@ -68,6 +68,7 @@ def run_demo(
             f"n_directions must be >= 2 for an error bar; got {n_directions}."
         )
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     X, y = digits("train", seed=seed)
     Xt, yt = digits("test", seed=seed)
@@ -174,6 +175,7 @@ def run_demo(
             "trace": evals.sum().item(),
             "trace_over_d": evals.sum().item() / obj.dim,
             "n_negative": int((evals < -1e-8 * abs(lam_max)).sum()),
+            "n_below_1pct_of_lambda_max": int((evals < -0.01 * lam_max).sum()),
             "d": obj.dim,
             "seconds": round(time.perf_counter() - dense_start, 3),
         }
@@ -185,6 +187,20 @@ def run_demo(
                 ((top.values - evals.flip(0)[:5]).abs() / evals.flip(0)[:5].abs()).max()
             ),
         }
+    dens = lg.density(H, 10, 80, seed=seed)
+    neg_threshold = 0.01 * float(top.values[0])
+    neg = lg.negative_mass(H, neg_threshold, seed=seed)
+    results["density"] = {
+        "method": "slq",
+        "n_probes": 10,
+        "n_steps": 80,
+        "n_matvecs": dens.n_matvecs,
+        "negative_fraction": neg.value,
+        "negative_fraction_stderr": neg.stderr,
+        "negative_threshold": neg_threshold,
+        "negative_definition": neg.definition + " (threshold = 1% of lambda_max)",
+        "plot": _plot_density(dens, top.values, out / "spectral_density.png"),
+    }
     results["work"] = obj.counters.to_dict()
     results["probe_seconds"] = round(time.perf_counter() - probe_start, 3)
     results["machine"] = {
@@ -196,6 +212,42 @@ def run_demo(
     }
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def _plot_density(dens, top: torch.Tensor, path: Path) -> str | None:
+    """Write the density (log scale) with the top eigenvalues marked; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.semilogy(
+        dens.grid.cpu(), dens.values.cpu().clamp_min(1e-8), lw=1.2, label="SLQ density"
+    )
+    for i, v in enumerate(top.tolist()):
+        ax.axvline(
+            v,
+            color="tab:red",
+            lw=0.8,
+            ls="--",
+            label="top-5 (Lanczos)" if i == 0 else None,
+        )
+    ax.set_xlabel("eigenvalue of the Hessian")
+    ax.set_ylabel("density")
+    ax.set_title(
+        f"Hessian spectral density ({dens.info['n_probes']} probes x {dens.info['n_steps']} steps, sigma={dens.sigma:.1e})",
+        fontsize=8,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path.name
 
 
 def format_table(results: dict) -> str:
@@ -251,6 +303,14 @@ def format_table(results: dict) -> str:
                 f"{results['checks']['top_eigenvalues_max_relative_error']:.1e}",
             ),
         ]
+    dn = results["density"]
+    rows += [
+        (
+            f"eigenvalues < -1% lambda_max (SLQ, {dn['n_probes']}x{dn['n_steps']})",
+            f"{dn['negative_fraction']:.3f} +- {dn['negative_fraction_stderr']:.3f} of d",
+        ),
+        ("spectral density plot", str(dn["plot"])),
+    ]
     c = results["cost"]
     rows += [
         ("HVP time / gradient time", f"{c['hvp_over_grad']:.2f}"),

@@ -250,28 +250,41 @@ def logdet(
 
 def negative_mass(
     op: SymmetricOperator | Objective,
+    threshold: float = 0.0,
     *,
     n_probes: int = 10,
     n_steps: int = 80,
     seed: int = 0,
 ) -> SpectralEstimate:
-    """The fraction of eigenvalues below zero, with a standard error.
+    """The fraction of eigenvalues below ``-threshold``, with a standard error.
+
+    Counted on the SLQ quadrature. The standard error covers the randomness of
+    the probes only: the quadrature cannot tell the sign of eigenvalues closer to
+    ``-threshold`` than its node spacing there (``info["resolution"]``). Hessians
+    of trained networks pile many eigenvalues up near zero, so ``threshold=0``
+    is biased at 80 steps (measured on a digits MLP: 0.40 against an exact 0.26);
+    a threshold of about 1% of the largest eigenvalue is resolved well (0.0211
+    against 0.0224). Raise ``n_steps`` or the threshold when the resolution is
+    not small compared with the threshold.
 
     ``info["negative_weight"]`` is the share of the absolute spectrum on the
     negative side, ``sum_{lambda<0} |lambda| / sum |lambda|`` (a ratio, jackknifed
-    over probes).
+    over probes), which is insensitive to the tiny eigenvalues.
 
     Args:
         op: an operator, or an Objective (its Hessian).
+        threshold: count eigenvalues below ``-threshold`` (absolute, >= 0).
         n_probes: random probes.
         n_steps: Lanczos steps per probe.
         seed: seed of the probes.
 
     Returns:
-        A :class:`SpectralEstimate` of ``#{lambda_i < 0} / d``.
+        A :class:`SpectralEstimate` of ``#{lambda_i < -threshold} / d``.
     """
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0; got {threshold!r}.")
     quad = _quadrature(op, n_probes, n_steps, seed)
-    frac, err = quad.trace_of(lambda x: (x < 0).double())
+    frac, err = quad.trace_of(lambda x: (x < -threshold).double())
     d = quad.dim
     neg = _per_probe(quad, lambda x: torch.where(x < 0, -x, torch.zeros_like(x)))
     tot = _per_probe(quad, torch.abs)
@@ -280,14 +293,28 @@ def negative_mass(
         value=frac / d,
         stderr=err / d,
         n_matvecs=quad.n_matvecs,
-        definition="#{i: lambda_i < 0} / d",
+        definition=f"#{{i: lambda_i < -{threshold:g}}} / d",
         info={
+            "threshold": threshold,
+            "resolution": _resolution(quad, -threshold),
             "negative_weight": weight,
             "negative_weight_stderr": weight_err,
             "n_probes": n_probes,
             "n_steps": n_steps,
         },
     )
+
+
+def _resolution(quad: Quadrature, x: float) -> float:
+    """Median over probes of the gap between the quadrature nodes around ``x``."""
+    gaps = []
+    for row in quad.nodes:
+        nodes = row[torch.isfinite(row)].sort().values
+        above = nodes[nodes >= x]
+        below = nodes[nodes < x]
+        if above.numel() and below.numel():
+            gaps.append(float(above[0] - below[-1]))
+    return float(torch.tensor(gaps).median()) if gaps else float("nan")
 
 
 def effective_rank(
