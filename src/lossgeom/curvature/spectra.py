@@ -18,6 +18,7 @@ from lossgeom.linalg.density import (
     slq,
     slq_density,
 )
+from lossgeom.linalg.diagonal import DiagonalResult, diagonal_estimate
 from lossgeom.linalg.lanczos import EigenResult, Which, lanczos, power_iteration
 from lossgeom.linalg.trace import TraceResult, trace_estimate
 from lossgeom.objective import Objective
@@ -28,6 +29,7 @@ __all__ = [
     "as_operator",
     "condition_number",
     "density",
+    "diagonal",
     "effective_rank",
     "eigenvalues",
     "logdet",
@@ -114,19 +116,22 @@ def trace(
     op: SymmetricOperator | Objective,
     n_matvecs: int = 100,
     *,
-    method: Literal["auto", "hutchinson", "hutch++"] = "auto",
+    method: Literal["auto", "hutchinson", "hutch++", "xtrace"] = "auto",
     seed: int = 0,
     rel_tol: float | None = None,
 ) -> TraceResult:
-    """The trace with a standard error (Hutchinson or Hutch++).
+    """The trace with a standard error (Hutchinson, Hutch++ or XTrace).
 
     See :func:`lossgeom.linalg.trace.trace_estimate`; ``"auto"`` sketches first
-    and finishes with whichever of the two the sketch predicts to be more exact.
+    and finishes with whichever of Hutchinson and Hutch++ the sketch predicts to
+    be more exact. ``"xtrace"`` is the most exact on decaying spectra, but its
+    error bar is optimistic (2 standard errors covered the truth in 83-89% of
+    runs in our tests, against about 95% for the others).
 
     Args:
         op: an operator, or an Objective (its Hessian).
         n_matvecs: budget of products.
-        method: ``"auto"``, ``"hutchinson"`` or ``"hutch++"``.
+        method: ``"auto"``, ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
         seed: seed of the probes.
         rel_tol: stop early once ``stderr <= rel_tol * |value|``.
 
@@ -137,6 +142,27 @@ def trace(
     return trace_estimate(
         as_operator(op), n_matvecs, method=method, seed=seed, rel_tol=rel_tol
     )
+
+
+def diagonal(
+    op: SymmetricOperator | Objective,
+    n_matvecs: int = 100,
+    *,
+    method: Literal["hutchinson", "xdiag"] = "hutchinson",
+    seed: int = 0,
+) -> DiagonalResult:
+    """The diagonal with per-entry standard errors (Hutchinson or XDiag).
+
+    Args:
+        op: an operator, or an Objective (its Hessian).
+        n_matvecs: budget of products.
+        method: ``"hutchinson"`` or ``"xdiag"``.
+        seed: seed of the probes.
+
+    Returns:
+        :class:`~lossgeom.linalg.diagonal.DiagonalResult`.
+    """
+    return diagonal_estimate(as_operator(op), n_matvecs, method=method, seed=seed)
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,20 @@ from lossgeom.linalg.density import (
     slq,
     slq_density,
 )
+from lossgeom.linalg.diagonal import DiagonalResult, diagonal_estimate
 from lossgeom.linalg.lanczos import EigenResult, lanczos, power_iteration
 from lossgeom.linalg.trace import TraceResult, trace_estimate
 
 __all__ = [
     "DenseOperator",
     "DensityResult",
+    "DiagonalResult",
     "Quadrature",
     "EigenResult",
     "SymmetricOperator",
     "TraceResult",
     "check_block",
+    "diagonal_estimate",
     "kpm_density",
     "slq",
     "slq_density",

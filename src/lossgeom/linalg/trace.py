@@ -2,6 +2,11 @@
 
 * Hutchinson (1989): ``tr(A) ~ mean_i z_i^T A z_i`` with Rademacher ``z_i``;
   variance ``2 (||A||_F^2 - sum_i A_ii^2) / m``.
+* XTrace (Epperly, Tropp & Webber 2024): half the budget sketches ``Y = A W``, half
+  computes ``A Q``; every probe ``w_i`` gets a Hutch++-style estimate with the
+  low-rank part built from the *other* probes, and the estimates are averaged
+  (exchangeable: every probe is used both ways). Computed exactly as defined,
+  from the shared products, with one small QR per probe.
 * Hutch++ (Meyer, Musco, Musco & Woodruff 2021): a third of the budget sketches
   the range of ``A`` (``Q = orth(A S)``), a third computes ``tr(Q^T A Q)``
   exactly, the last third runs Hutchinson on the deflated
@@ -28,7 +33,7 @@ from lossgeom.linalg._operator import SymmetricOperator
 
 __all__ = ["TraceResult", "trace_estimate"]
 
-Method = Literal["auto", "hutchinson", "hutch++"]
+Method = Literal["auto", "hutchinson", "hutch++", "xtrace"]
 
 
 @dataclass(frozen=True)
@@ -150,9 +155,10 @@ def trace_estimate(
         True
     """
     start = time.perf_counter()
-    if method not in ("auto", "hutchinson", "hutch++"):
+    if method not in ("auto", "hutchinson", "hutch++", "xtrace"):
         raise ValueError(
-            f"method must be 'auto', 'hutchinson' or 'hutch++'; got {method!r}."
+            "method must be 'auto', 'hutchinson', 'hutch++' or 'xtrace'; got "
+            f"{method!r}."
         )
     if not isinstance(n_matvecs, int) or n_matvecs < 2:
         raise ValueError(f"n_matvecs must be an integer >= 2; got {n_matvecs!r}.")
@@ -163,6 +169,10 @@ def trace_estimate(
     d = op.shape[0]
     gen = torch.Generator(device=op.device).manual_seed(seed)
 
+    if method == "xtrace":
+        if n_matvecs < 4:
+            raise ValueError(f"xtrace needs n_matvecs >= 4; got {n_matvecs}.")
+        return _xtrace(op, n_matvecs, gen, start)
     if method == "hutchinson" or (method == "auto" and n_matvecs < 6):
         samples, used = _hutchinson_rounds(
             op, None, n_matvecs, round_size, rel_tol, 0.0, gen
@@ -211,6 +221,44 @@ def trace_estimate(
         op, Q, max(remaining, 2), round_size, rel_tol, exact, gen
     )
     return _result(samples, exact, s + Q.shape[1] + used, "hutch++", start, info)
+
+
+def leave_one_out_bases(R: Tensor) -> list[Tensor]:
+    """For ``Y = Q R``, coefficient bases of ``span(Y without column i)``, one per ``i``."""
+    k = R.shape[1]
+    bases = []
+    for i in range(k):
+        cols = torch.cat([R[:, :i], R[:, i + 1 :]], 1)
+        U, _ = torch.linalg.qr(cols)
+        bases.append(U)
+    return bases
+
+
+def _xtrace(
+    op: SymmetricOperator, n_matvecs: int, gen: torch.Generator, start: float
+) -> TraceResult:
+    d = op.shape[0]
+    k = max(2, min(n_matvecs // 2, d))
+    W = _rademacher(d, k, gen, op)
+    Y = _checked(op, W)  # A W
+    Q, R = torch.linalg.qr(Y)
+    Z = _checked(op, Q)  # A Q
+    QtZ, QtW, QtY = Q.T @ Z, Q.T @ W, Q.T @ Y
+    # w_i . A w_i, from the sketch
+    wAw = (W * Y).sum(0)
+    estimates = []
+    for i, U in enumerate(leave_one_out_bases(R)):
+        # Q_i = Q U: low-rank part from the other probes
+        B = U.T @ QtZ @ U  # Q_i^T A Q_i
+        low_rank = B.trace()
+        c = U.T @ QtW[:, i]  # Q_i^T w_i
+        g = U.T @ QtY[:, i]  # Q_i^T A w_i
+        # w^T (I - P) A (I - P) w, P = Q_i Q_i^T
+        resid = wAw[i] - 2 * torch.dot(c, g) + c @ B @ c
+        estimates.append(low_rank + resid)
+    samples = torch.stack(estimates).double()
+    res = _result(samples, 0.0, 2 * k, "xtrace", start, {"sketch_size": k})
+    return res
 
 
 def _result(
