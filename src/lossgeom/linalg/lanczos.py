@@ -283,20 +283,39 @@ def lanczos(
         shift = {"largest": -2.0, "smallest": 2.0, "magnitude": 0.0}[which] * (
             scale + 1.0
         )
+        deflated = _Deflated(op, vectors, shift)
+        worst = key(values[:k]).min()
+        # a cheap first look at the deflated operator's wanted end ...
         probe = _lanczos_core(
-            _Deflated(op, vectors, shift),
+            deflated,
             1,
             which=which,
-            tol=tol,
-            max_matvecs=min(budget - used, max(80, 4 * k)),
+            tol=max(tol, 1e-3),
+            max_matvecs=min(budget - used, 30),
             seed=seed + 7919 * rounds,
             block_size=1,
             check_symmetry=False,
         )
         used += probe.n_matvecs
         scale = max(scale, probe.spectral_scale)
+        theta, r = probe.values[:1], float(probe.residuals[0])
+        if bool(key(theta)[0] + r < worst - tol * scale):
+            break  # its best candidate is clearly not among the wanted ones
+        # ... and a converged one when it might be
+        probe = _lanczos_core(
+            deflated,
+            1,
+            which=which,
+            tol=tol,
+            max_matvecs=min(budget - used, max(80, 4 * k)),
+            seed=seed + 7919 * rounds,
+            block_size=1,
+            v0=probe.vectors,
+            check_symmetry=False,
+        )
+        used += probe.n_matvecs
+        scale = max(scale, probe.spectral_scale)
         theta, u = probe.values[:1], probe.vectors[:, :1]
-        worst = key(values[:k]).min()
         if not probe.all_converged or bool(key(theta)[0] < worst - tol * scale):
             break
         # a missed eigenvalue (e.g. another copy of a repeated one): add it
