@@ -285,23 +285,20 @@ def lanczos(
         )
         deflated = _Deflated(op, vectors, shift)
         worst = key(values[:k]).min()
-        # a cheap first look at the deflated operator's wanted end ...
-        probe = _lanczos_core(
-            deflated,
-            1,
-            which=which,
-            tol=max(tol, 1e-3),
-            max_matvecs=min(budget - used, 30),
-            seed=seed + 7919 * rounds,
-            block_size=1,
-            check_symmetry=False,
-        )
-        used += probe.n_matvecs
-        scale = max(scale, probe.spectral_scale)
-        theta, r = probe.values[:1], float(probe.residuals[0])
-        if bool(key(theta)[0] + r < worst - tol * scale):
-            break  # its best candidate is clearly not among the wanted ones
-        # ... and a converged one when it might be
+        slack = tol * max(scale, 1e-300)
+
+        def decided(
+            theta: Tensor, r: Tensor, worst=worst, slack=slack, scale=scale
+        ) -> bool:
+            # theta is a Ritz value of the deflated operator: it proves a wanted
+            # eigenvalue was missed once it reaches the worst found one; the search
+            # gives up once theta has (loosely) converged clearly below it
+            key_t, r0 = float(key(theta)[0]), float(r[0])
+            loose = max(tol, 1e-3) * max(scale, 1e-300)
+            return key_t >= float(worst) - slack or (
+                r0 <= loose and key_t + r0 < float(worst) - slack
+            )
+
         probe = _lanczos_core(
             deflated,
             1,
@@ -310,11 +307,28 @@ def lanczos(
             max_matvecs=min(budget - used, max(80, 4 * k)),
             seed=seed + 7919 * rounds,
             block_size=1,
-            v0=probe.vectors,
             check_symmetry=False,
+            stop=decided,
         )
         used += probe.n_matvecs
         scale = max(scale, probe.spectral_scale)
+        theta = probe.values[:1]
+        if bool(key(theta)[0] < worst - slack):
+            break  # nothing missed (as far as a Krylov search can tell)
+        if not probe.all_converged:  # a missed one: converge it
+            probe = _lanczos_core(
+                deflated,
+                1,
+                which=which,
+                tol=tol,
+                max_matvecs=min(budget - used, max(80, 4 * k)),
+                seed=seed + 7919 * rounds,
+                block_size=1,
+                v0=probe.vectors,
+                check_symmetry=False,
+            )
+            used += probe.n_matvecs
+            scale = max(scale, probe.spectral_scale)
         theta, u = probe.values[:1], probe.vectors[:, :1]
         if not probe.all_converged or bool(key(theta)[0] < worst - tol * scale):
             break
@@ -383,6 +397,7 @@ def _lanczos_core(
     ncv: int | None = None,
     v0: Tensor | None = None,
     check_symmetry: bool = True,
+    stop=None,
 ) -> EigenResult:
     start = time.perf_counter()
     wanted = _check_args(op, k, which, tol)
@@ -469,6 +484,8 @@ def _lanczos_core(
         if theta.numel() >= wanted:
             idx = _select(theta, wanted, which)
             done = bool((res[idx] <= tol * max(scale, 1e-300)).all())
+            if stop is not None and stop(theta[idx], res[idx]):
+                break
             if done or n_mv >= budget or Qn.shape[1] == 0:
                 break
         elif n_mv >= budget or Qn.shape[1] == 0:
