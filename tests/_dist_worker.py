@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lossgeom as lg
+
 from cases import CASES, DTYPE
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import lossgeom as lg
-from cases import DTYPE, rotated
 from lossgeom.linalg import DenseOperator, slq
 from lossgeom.zoo import digits, mlp
+
+from cases import DTYPE, rotated
 
 
 def wasserstein1(quad, exact):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lossgeom as lg
+
 from _dist_worker import probes
 from cases import CASES, rel_err
 

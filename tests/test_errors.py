@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import lossgeom as lg
+
 from cases import CASES, DTYPE
 
 MLP = CASES[0]

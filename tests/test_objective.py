@@ -8,8 +8,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lossgeom as lg
-from cases import CASES, DTYPE, SmallCNN, rel_err
 from lossgeom.testing import exact_gradient, exact_hessian, exact_loss
+
+from cases import CASES, DTYPE, SmallCNN, rel_err
 
 MLP, CNN = CASES[0], CASES[1]
 

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 import lossgeom as lg
-from cases import CASES, DTYPE, rel_err
 from lossgeom.testing import exact_ggn, exact_gradient_covariance, exact_hessian
+
+from cases import CASES, DTYPE, rel_err
 
 TOL = 1e-10
 

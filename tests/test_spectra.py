@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import lossgeom as lg
-from cases import CASES, DTYPE, rotated
 from lossgeom.linalg import DenseOperator, SymmetricOperator
 from lossgeom.testing import exact_hessian
+
+from cases import CASES, DTYPE, rotated
 
 
 def assert_close_spectrum(values, truth, scale):

@@ -1,0 +1,38 @@
+"""Checks on full-size models, too slow for `make test`: run with `make test-slow`."""
+
+import pytest
+import torch
+
+import lossgeom as lg
+from lossgeom.zoo import cifar_resnet
+
+from cases import rel_err
+
+
+@pytest.mark.slow
+def test_resnet20_hvp_backends_agree_and_match_finite_differences():
+    torch.manual_seed(0)
+    model = cifar_resnet(20, width=8)
+    X, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    objs = {
+        b: lg.Objective(
+            model,
+            torch.nn.CrossEntropyLoss(),
+            (X, y),
+            dtype=torch.float64,
+            hvp_backend=b,
+        )
+        for b in ("forward-over-reverse", "double-backward")
+    }
+    obj = objs["double-backward"]
+    V = torch.randn(obj.dim, 2, dtype=torch.float64)
+    a, b = (o.hvp(V) for o in objs.values())
+    assert rel_err(a, b) <= 1e-10
+    assert rel_err(lg.hessian(obj) @ V, b) <= 1e-10
+    eps = 1e-5
+    fd = (obj.grad(obj.theta + eps * V[:, 0]) - obj.grad(obj.theta - eps * V[:, 0])) / (
+        2 * eps
+    )
+    assert rel_err(b[:, 0], fd) <= 1e-6
+    top = lg.eigenvalues(obj, 2, tol=1e-8)
+    assert top.all_converged
