@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["DenseOperator", "SymmetricOperator", "check_block"]
+__all__ = ["DenseOperator", "SymmetricOperator", "apply_checked", "check_block"]
 
 # Above this dimension ``to_dense`` refuses unless told ``max_dim``: a dense d x d
 # matrix of 20k parameters is 3.2 GB in float64 and 20k matrix-vector products.
@@ -64,6 +64,17 @@ def check_block(
             f"Convert with V.to({dtype})."
         )
     return V
+
+
+def apply_checked(op: SymmetricOperator, V: Tensor) -> Tensor:
+    """``op @ V``, refusing non-finite results (they would poison every estimate)."""
+    W = op @ V
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(
+            "the operator returned non-finite values (NaN or inf) for a finite "
+            "input; check the model and data at these parameters."
+        )
+    return W
 
 
 def _same_device(a: torch.device, b: torch.device | str) -> bool:

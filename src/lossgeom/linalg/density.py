@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lossgeom.linalg._operator import SymmetricOperator
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked
 
 __all__ = ["DensityResult", "Quadrature", "kpm_density", "slq", "slq_density"]
 
@@ -109,14 +109,6 @@ def _probes(d: int, n: int, gen: torch.Generator, op: SymmetricOperator) -> Tens
     return (2 * bits - 1).to(op.dtype) / math.sqrt(d)
 
 
-def _check_finite(W: Tensor) -> None:
-    if not bool(torch.isfinite(W).all()):
-        raise ValueError(
-            "the operator returned non-finite values (NaN or inf) for a finite "
-            "probe; check the model and data at these parameters."
-        )
-
-
 def slq(
     op: SymmetricOperator,
     n_probes: int = 10,
@@ -160,9 +152,8 @@ def slq(
     beta_prev = torch.zeros(n_probes, dtype=op.dtype, device=op.device)
     n_mv = 0
     for j in range(m):
-        W = op @ V
+        W = apply_checked(op, V)
         n_mv += n_probes
-        _check_finite(W)
         alpha = (V * W).sum(0)
         W = W - V * alpha - prev * beta_prev
         if basis is not None:
@@ -313,8 +304,7 @@ def kpm_density(
     Z = _probes(d, n_probes, gen, op) * math.sqrt(d)  # Rademacher
 
     def scaled(V: Tensor) -> Tensor:
-        W = op @ V
-        _check_finite(W)
+        W = apply_checked(op, V)
         return (W - center * V) / half
 
     mu = torch.zeros(n_moments, dtype=torch.float64)

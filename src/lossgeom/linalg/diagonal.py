@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lossgeom.linalg._operator import SymmetricOperator
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked
 from lossgeom.linalg.trace import leave_one_out_bases
 
 __all__ = ["DiagonalResult", "diagonal_estimate"]
@@ -87,15 +87,6 @@ def diagonal_estimate(
         bits = torch.randint(0, 2, (d, m), generator=gen, device=op.device)
         return (2 * bits - 1).to(op.dtype)
 
-    def apply(V: Tensor) -> Tensor:
-        W = op @ V
-        if not bool(torch.isfinite(W).all()):
-            raise ValueError(
-                "the operator returned non-finite values (NaN or inf) for a finite "
-                "probe; check the model and data at these parameters."
-            )
-        return W
-
     if method == "hutchinson":
         total = torch.zeros(d, dtype=torch.float64, device=op.device)
         total_sq = torch.zeros_like(total)
@@ -103,7 +94,7 @@ def diagonal_estimate(
         while used < n_matvecs:
             m = min(round_size, n_matvecs - used)
             Z = probes(m)
-            S = (Z * apply(Z)).double()
+            S = (Z * apply_checked(op, Z)).double()
             total += S.sum(1)
             total_sq += (S * S).sum(1)
             used += m
@@ -121,9 +112,9 @@ def diagonal_estimate(
 
     k = max(2, min(n_matvecs // 2, d))
     W = probes(k)
-    Y = apply(W)
+    Y = apply_checked(op, W)
     Q, R = torch.linalg.qr(Y)
-    Z = apply(Q)
+    Z = apply_checked(op, Q)
     ests = []
     for i, U in enumerate(leave_one_out_bases(R)):
         Qi = Q @ U

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lossgeom.linalg._operator import SymmetricOperator
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked
 
 __all__ = ["EigenResult", "lanczos", "power_iteration"]
 
@@ -184,12 +184,7 @@ def _check_symmetric(op: SymmetricOperator, gen: torch.Generator) -> int:
     """Refuse an operator with ``u . A v != v . A u`` on a random pair; returns 2."""
     d = op.shape[0]
     U = torch.randn(d, 2, generator=gen, dtype=op.dtype, device=op.device)
-    AU = op @ U
-    if not bool(torch.isfinite(AU).all()):
-        raise ValueError(
-            "the operator returned non-finite values (NaN or inf) for a finite "
-            "input; check the model and data at these parameters."
-        )
+    AU = apply_checked(op, U)
     a, b = float(U[:, 0] @ AU[:, 1]), float(U[:, 1] @ AU[:, 0])
     size = float(AU.norm() * U.norm()) + 1e-300
     if abs(a - b) > 1e3 * math.sqrt(d) * torch.finfo(op.dtype).eps * size:
@@ -447,13 +442,8 @@ def _lanczos_core(
     while True:
         # expand the basis by one block
         if Qn.shape[1] > 0 and Q.shape[1] + Qn.shape[1] <= m_max and n_mv < budget:
-            W = op @ Qn
+            W = apply_checked(op, Qn)
             n_mv += Qn.shape[1]
-            if not bool(torch.isfinite(W).all()):
-                raise ValueError(
-                    "the operator returned non-finite values (NaN or inf) for a "
-                    "finite input; check the model and data at these parameters."
-                )
             Q = torch.cat([Q, Qn], 1)
             H = Q.T @ W
             W = W - Q @ H

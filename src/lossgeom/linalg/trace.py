@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lossgeom.linalg._operator import SymmetricOperator
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked
 
 __all__ = ["TraceResult", "trace_estimate"]
 
@@ -79,16 +79,6 @@ def _rademacher(
     return (2 * bits - 1).to(like.dtype)
 
 
-def _checked(op: SymmetricOperator, V: Tensor) -> Tensor:
-    W = op @ V
-    if not bool(torch.isfinite(W).all()):
-        raise ValueError(
-            "the operator returned non-finite values (NaN or inf) for a finite "
-            "probe; check the model and data at these parameters."
-        )
-    return W
-
-
 def _hutchinson_rounds(
     op: SymmetricOperator,
     project: Tensor | None,
@@ -107,7 +97,7 @@ def _hutchinson_rounds(
         Z = _rademacher(d, m, gen, op)
         if project is not None:
             Z = Z - project @ (project.T @ Z)
-        samples.append((Z * _checked(op, Z)).sum(0))
+        samples.append((Z * apply_checked(op, Z)).sum(0))
         used += m
         if rel_tol is not None:
             s = torch.cat(samples).double()
@@ -181,11 +171,11 @@ def trace_estimate(
 
     s = max(1, min(n_matvecs // 3, d))
     S = _rademacher(d, s, gen, op)
-    Y = _checked(op, S)
+    Y = apply_checked(op, S)
     pilot = (S * Y).sum(0).double()  # Hutchinson samples for free
     Q, _ = torch.linalg.qr(Y)
     info: dict = {"requested": method, "sketch_size": s}
-    Z = _checked(op, Q)  # A Q
+    Z = apply_checked(op, Q)  # A Q
     exact = float(torch.einsum("ij,ij->", Q.double(), Z.double()))  # tr(Q^T A Q)
     remaining = n_matvecs - s - Q.shape[1]
     info["exact_part"] = exact
@@ -240,9 +230,9 @@ def _xtrace(
     d = op.shape[0]
     k = max(2, min(n_matvecs // 2, d))
     W = _rademacher(d, k, gen, op)
-    Y = _checked(op, W)  # A W
+    Y = apply_checked(op, W)  # A W
     Q, R = torch.linalg.qr(Y)
-    Z = _checked(op, Q)  # A Q
+    Z = apply_checked(op, Q)  # A Q
     QtZ, QtW, QtY = Q.T @ Z, Q.T @ W, Q.T @ Y
     # w_i . A w_i, from the sketch
     wAw = (W * Y).sum(0)
