@@ -29,10 +29,8 @@ def test_resnet20_hvp_backends_agree_and_match_finite_differences():
     a, b = (o.hvp(V) for o in objs.values())
     assert rel_err(a, b) <= 1e-10
     assert rel_err(lg.hessian(obj) @ V, b) <= 1e-10
-    eps = 1e-5
-    fd = (obj.grad(obj.theta + eps * V[:, 0]) - obj.grad(obj.theta - eps * V[:, 0])) / (
-        2 * eps
-    )
-    assert rel_err(b[:, 0], fd) <= 1e-6
+    # symmetric on a random pair (finite differences are no reference here: a ReLU
+    # network's gradient jumps where a perturbation flips an activation)
+    assert abs(V[:, 0] @ b[:, 1] - V[:, 1] @ b[:, 0]) <= 1e-10 * b.norm() * V.norm()
     top = lg.eigenvalues(obj, 2, tol=1e-8)
     assert top.all_converged
