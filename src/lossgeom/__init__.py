@@ -1,5 +1,7 @@
 """lossgeom: the geometry of neural-network loss landscapes, measured and certified."""
 
+from lossgeom import testing as testing  # subpackage: lg.testing
+from lossgeom import zoo as zoo  # subpackage: lg.zoo
 from lossgeom.curvature import (
     GGNOperator,
     GradientCovarianceOperator,
@@ -19,7 +21,14 @@ from lossgeom.curvature import (
     outliers,
     trace,
 )
-from lossgeom.linalg import DenseOperator, EigenResult, SymmetricOperator, TraceResult
+from lossgeom.linalg import (
+    DenseOperator,
+    DensityResult,
+    DiagonalResult,
+    EigenResult,
+    SymmetricOperator,
+    TraceResult,
+)
 from lossgeom.objective import Counters, NonFiniteError, Objective
 
 __version__ = "0.1.0"
@@ -39,6 +48,8 @@ __all__ = [
     "gradient_covariance",
     "hessian",
     # spectra
+    "DensityResult",
+    "DiagonalResult",
     "EigenResult",
     "TraceResult",
     "OutlierResult",
