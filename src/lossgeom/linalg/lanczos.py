@@ -116,6 +116,15 @@ def _check_args(op: SymmetricOperator, k: int, which: str, tol: float) -> int:
     return wanted
 
 
+def _key(values: Tensor, which: str) -> Tensor:
+    """Sort key of ``which``: larger means more wanted (``"both"`` is not a key)."""
+    if which == "largest":
+        return values
+    if which == "smallest":
+        return -values
+    return values.abs()
+
+
 def _select(theta: Tensor, k: int, which: str, extra: int = 0) -> Tensor:
     """Indices (into ascending ``theta``) of the wanted Ritz values, plus ``extra``."""
     n = theta.numel()
@@ -261,40 +270,18 @@ def lanczos(
     )
     if not verify or which == "both":
         return res
-    budget = (
-        max_matvecs
-        if max_matvecs is not None
-        else max(600, 40 * k * res.info["block_size"])
-    )
-    used, rounds = res.n_matvecs, 0
+    budget = res.info["budget"]
+    used, rounds, found = res.n_matvecs, 0, 0
     values, vectors, residuals = res.values, res.vectors, res.residuals
     scale = res.spectral_scale
+    shift_side = {"largest": -2.0, "smallest": 2.0, "magnitude": 0.0}[which]
 
-    def key(v: Tensor) -> Tensor:  # larger key = more wanted
-        return v if which == "largest" else -v if which == "smallest" else v.abs()
-
-    while res.all_converged and used < budget and vectors.shape[1] < op.shape[0]:
-        rounds += 1
-        shift = {"largest": -2.0, "smallest": 2.0, "magnitude": 0.0}[which] * (
-            scale + 1.0
-        )
-        deflated = _Deflated(op, vectors, shift)
-        worst = key(values[:k]).min()
-        slack = tol * max(scale, 1e-300)
-
-        def decided(
-            theta: Tensor, r: Tensor, worst=worst, slack=slack, scale=scale
-        ) -> bool:
-            # theta is a Ritz value of the deflated operator: it proves a wanted
-            # eigenvalue was missed once it reaches the worst found one; the search
-            # gives up once theta has (loosely) converged clearly below it
-            key_t, r0 = float(key(theta)[0]), float(r[0])
-            loose = max(tol, 1e-3) * max(scale, 1e-300)
-            return key_t >= float(worst) - slack or (
-                r0 <= loose and key_t + r0 < float(worst) - slack
-            )
-
-        probe = _lanczos_core(
+    def search(
+        deflated: SymmetricOperator, v0: Tensor | None = None, stop=None
+    ) -> EigenResult:
+        """One Lanczos run for the wanted end of the deflated operator."""
+        nonlocal used, scale
+        out = _lanczos_core(
             deflated,
             1,
             which=which,
@@ -302,51 +289,54 @@ def lanczos(
             max_matvecs=min(budget - used, max(80, 4 * k)),
             seed=seed + 7919 * rounds,
             block_size=1,
+            v0=v0,
             check_symmetry=False,
-            stop=decided,
+            stop=stop,
         )
-        used += probe.n_matvecs
-        scale = max(scale, probe.spectral_scale)
-        theta = probe.values[:1]
-        if bool(key(theta)[0] < worst - slack):
+        used += out.n_matvecs
+        scale = max(scale, out.spectral_scale)
+        return out
+
+    while res.all_converged and used < budget and vectors.shape[1] < op.shape[0]:
+        rounds += 1
+        deflated = _Deflated(op, vectors, shift_side * (scale + 1.0))
+        worst = float(_key(values[:k], which).min())
+        slack = tol * max(scale, 1e-300)
+        loose = max(tol, 1e-3) * max(scale, 1e-300)
+
+        def decided(
+            theta: Tensor, r: Tensor, worst=worst, slack=slack, loose=loose
+        ) -> bool:
+            # theta is a Ritz value of the deflated operator: it proves a wanted
+            # eigenvalue was missed once it reaches the worst found one; the search
+            # gives up once theta has (loosely) converged clearly below it
+            key_t, r0 = float(_key(theta, which)[0]), float(r[0])
+            return key_t >= worst - slack or (
+                r0 <= loose and key_t + r0 < worst - slack
+            )
+
+        probe = search(deflated, stop=decided)
+        if float(_key(probe.values[:1], which)[0]) < worst - slack:
             break  # nothing missed (as far as a Krylov search can tell)
         if not probe.all_converged:  # a missed one: converge it
-            probe = _lanczos_core(
-                deflated,
-                1,
-                which=which,
-                tol=tol,
-                max_matvecs=min(budget - used, max(80, 4 * k)),
-                seed=seed + 7919 * rounds,
-                block_size=1,
-                v0=probe.vectors,
-                check_symmetry=False,
-            )
-            used += probe.n_matvecs
-            scale = max(scale, probe.spectral_scale)
+            probe = search(deflated, v0=probe.vectors)
         theta, u = probe.values[:1], probe.vectors[:, :1]
-        if not probe.all_converged or bool(key(theta)[0] < worst - tol * scale):
+        if (
+            not probe.all_converged
+            or float(_key(theta, which)[0]) < worst - tol * scale
+        ):
             break
         # a missed eigenvalue (e.g. another copy of a repeated one): add it
-        r = (op @ u - u * theta).norm(dim=0)
+        found += 1
+        r = (apply_checked(op, u) - u * theta).norm(dim=0)
         used += 1
         values = torch.cat([values, theta])
         vectors = torch.cat([vectors, u], 1)
         residuals = torch.cat([residuals, r.to(residuals.dtype)])
-        order = torch.argsort(key(values), descending=True)
+        order = torch.argsort(_key(values, which), descending=True)
         values, vectors, residuals = values[order], vectors[:, order], residuals[order]
-    if which == "smallest":
-        order = torch.argsort(values[:k])
-    elif which == "magnitude":
-        order = torch.argsort(values[:k].abs(), descending=True)
-    else:
-        order = torch.argsort(values[:k], descending=True)
-    values, vectors, residuals = (
-        values[:k][order],
-        vectors[:, :k][:, order],
-        residuals[:k][order],
-    )
-    info = dict(res.info, verify_rounds=rounds, missed_found=max(0, rounds - 1))
+    # already in the order of ``which``; the k best are the answer
+    values, vectors, residuals = values[:k], vectors[:, :k], residuals[:k]
     return EigenResult(
         values=values,
         vectors=vectors,
@@ -359,7 +349,7 @@ def lanczos(
         tol=float(tol),
         spectral_scale=scale,
         n_restarts=res.n_restarts,
-        info=info,
+        info=dict(res.info, verify_rounds=rounds, missed_found=found),
     )
 
 
@@ -499,12 +489,9 @@ def _lanczos_core(
     n_mv += vectors.shape[1]
     residuals = (AV - vectors * values.to(dtype)).norm(dim=0).double()
     values = values.to(dtype)
-    if which == "magnitude":
-        order = torch.argsort(values.abs(), descending=True)
-    elif which == "smallest":
-        order = torch.argsort(values)
-    else:
-        order = torch.argsort(values, descending=True)
+    order = torch.argsort(
+        _key(values, "largest" if which == "both" else which), descending=True
+    )
     values, vectors, residuals = values[order], vectors[:, order], residuals[order]
     converged = residuals <= tol * max(scale, 1e-300)
     return EigenResult(
@@ -519,7 +506,7 @@ def _lanczos_core(
         tol=float(tol),
         spectral_scale=scale,
         n_restarts=restarts,
-        info={"block_size": b, "ncv": m_max},
+        info={"block_size": b, "ncv": m_max, "budget": budget},
     )
 
 
