@@ -39,27 +39,23 @@ class GGNOperator(ObjectiveOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         obj = self.objective
-        if self.backend_used is None:
+
+        def product(backend: str) -> Tensor:
+            batch = _ggn_forward if backend == "forward-over-reverse" else _ggn_reverse
+            return obj.accumulate(
+                lambda x, y: batch(obj, self.theta, V, x, y),
+                what="Gauss-Newton-vector product",
+            )
+
+        if self.backend_used is not None:
+            out = product(self.backend_used)
+        else:
             try:
-                out = obj.accumulate(
-                    lambda x, y: _ggn_forward(obj, self.theta, V, x, y),
-                    what="Gauss-Newton-vector product",
-                )
+                out = product("forward-over-reverse")
                 self.backend_used = "forward-over-reverse"
             except (RuntimeError, NotImplementedError):
+                out = product("double-backward")
                 self.backend_used = "double-backward"
-                out = self._matmat(V)
-                obj.counters.ggn -= V.shape[1]  # counted by the recursive call
-        elif self.backend_used == "forward-over-reverse":
-            out = obj.accumulate(
-                lambda x, y: _ggn_forward(obj, self.theta, V, x, y),
-                what="Gauss-Newton-vector product",
-            )
-        else:
-            out = obj.accumulate(
-                lambda x, y: _ggn_reverse(obj, self.theta, V, x, y),
-                what="Gauss-Newton-vector product",
-            )
         obj.counters.ggn += V.shape[1]
         return out
 

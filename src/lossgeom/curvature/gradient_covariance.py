@@ -55,6 +55,8 @@ class GradientCovarianceOperator(ObjectiveOperator):
                 f"data has {n_total}."
             )
         self._denominator = n_total - ddof
+        # Objective.accumulate averages over N; sums over samples scale back by this
+        self._sum_to_cov = n_total / self._denominator
         self.mean_grad = (
             objective.grad(self.theta)
             if centered
@@ -97,10 +99,9 @@ class GradientCovarianceOperator(ObjectiveOperator):
                 G = self._centred_batch(x, y)
                 return G.T @ (G @ V)
 
-            # accumulate returns (1/N) sum_b (...); rescale to 1/(N - ddof) below.
             out = obj.accumulate(batch_sum, what="per-sample gradient", per="sum")
             obj.counters.per_sample_grad += 1
-            out = out * obj.n_samples
+            return out * self._sum_to_cov
         return out / self._denominator
 
     def trace(self) -> float:
@@ -109,15 +110,13 @@ class GradientCovarianceOperator(ObjectiveOperator):
         if self._G is not None:
             total = obj.all_reduce(self._G.pow(2).sum().reshape(1))
         else:
-            total = (
-                obj.accumulate(
-                    lambda x, y: self._centred_batch(x, y).pow(2).sum().reshape(1),
-                    what="per-sample gradient",
-                    per="sum",
-                )
-                * obj.n_samples
+            mean = obj.accumulate(
+                lambda x, y: self._centred_batch(x, y).pow(2).sum().reshape(1),
+                what="per-sample gradient",
+                per="sum",
             )
             obj.counters.per_sample_grad += 1
+            return float(mean) * self._sum_to_cov
         return float(total) / self._denominator
 
     def to_dense(self, *, chunk_size: int = 64, max_dim: int | None = None) -> Tensor:

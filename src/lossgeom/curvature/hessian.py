@@ -107,13 +107,14 @@ class HessianOperator(ObjectiveOperator):
             return hvp_from_graph(g, t, V)
 
         try:
-            out = obj.accumulate(from_graph, what="Hessian-vector product")
+            out = obj.accumulate(
+                from_graph, what="Hessian-vector product", count_pass=False
+            )
         except (RuntimeError, NotImplementedError):
             # an operation without a double backward: recompute, with the
             # objective's own fallback
             self.release()
             return obj.hvp(V, self.theta)
-        obj.counters.passes -= 1  # no data was read: the graphs were
         obj.counters.hvp += V.shape[1]
         return out
 

@@ -202,8 +202,8 @@ class Objective:
             if getattr(module, b, None) is not None
         ]
         trainable = set(self.names)
-        self._frozen_names = [
-            n for n, _ in model.named_parameters() if n not in trainable
+        self._frozen = [
+            (n, p) for n, p in model.named_parameters() if n not in trainable
         ]
 
         self._source: DataSource = make_source(
@@ -316,9 +316,7 @@ class Objective:
     def model_fn(self, theta: Tensor, x: Tensor) -> Tensor:
         """Model outputs at parameters ``theta`` on inputs ``x`` (differentiable)."""
         params = self.unflatten(theta)
-        named_params = dict(self.model.named_parameters())
-        for name in self._frozen_names:
-            params[name] = named_params[name].detach()
+        params.update((n, p.detach()) for n, p in self._frozen)
         return functional_call(self.model, (params, self.probe_buffers()), (x,))
 
     def probe_buffers(self) -> dict[str, Tensor | None]:
@@ -377,6 +375,7 @@ class Objective:
         per: Literal["mean", "sum"] = "mean",
         higher_order: bool = True,
         check_finite: bool = True,
+        count_pass: bool = True,
     ) -> Tensor:
         r"""Average a per-batch quantity over all samples and ranks.
 
@@ -392,6 +391,8 @@ class Objective:
             higher_order: whether ``fn`` takes second derivatives (see
                 :meth:`probe_mode`).
             check_finite: raise on non-finite values (``False`` returns them).
+            count_pass: count a data pass (``False`` when ``fn`` ignores the batch
+                contents, e.g. products through graphs kept from an earlier pass).
 
         Returns:
             The average, a tensor of ``fn``'s shape.
@@ -408,7 +409,8 @@ class Objective:
                 weighted = value * n if per == "mean" else value
                 total = weighted if total is None else total + weighted
                 count += n
-        self.counters.passes += 1
+        if count_pass:
+            self.counters.passes += 1
         if total is None:
             raise ValueError(f"the data yielded no batches while computing the {what}.")
         flat = torch.cat([total.reshape(-1), total.new_tensor([count])])
@@ -647,8 +649,7 @@ class Objective:
             n: p.detach().clone().requires_grad_(True)
             for n, p in zip(self.names, self._params, strict=True)
         }
-        named_params = dict(self.model.named_parameters())
-        frozen = {n: named_params[n].detach() for n in self._frozen_names}
+        frozen = {n: p.detach() for n, p in self._frozen}
         buffers = self.probe_buffers()
         with self.probe_mode(), torch.enable_grad():
             try:
