@@ -312,8 +312,8 @@ def negative_mass(
     quad = _quadrature(op, n_probes, n_steps, seed)
     frac, err = quad.trace_of(lambda x: (x < -threshold).double())
     d = quad.dim
-    neg = _per_probe(quad, lambda x: torch.where(x < 0, -x, torch.zeros_like(x)))
-    tot = _per_probe(quad, torch.abs)
+    neg = quad.per_probe(lambda x: torch.where(x < 0, -x, torch.zeros_like(x)))
+    tot = quad.per_probe(torch.abs)
     weight, weight_err = _jackknife_ratio(neg, tot)
     return SpectralEstimate(
         value=frac / d,
@@ -366,9 +366,8 @@ def effective_rank(
         A :class:`SpectralEstimate`.
     """
     quad = _quadrature(op, n_probes, n_steps, seed)
-    absl = _per_probe(quad, torch.abs)
-    xlogx = _per_probe(
-        quad,
+    absl = quad.per_probe(torch.abs)
+    xlogx = quad.per_probe(
         lambda x: torch.where(
             x != 0, x.abs() * torch.log(x.abs().clamp_min(1e-300)), torch.zeros_like(x)
         ),
@@ -496,11 +495,6 @@ def outliers(
         n_matvecs=res.n_matvecs,
         definition=f"leading eigenvalues whose gap to the next exceeds {gap_factor:g} x the median gap of the top {k}",
     )
-
-
-def _per_probe(quad: Quadrature, f) -> Tensor:
-    nodes = torch.nan_to_num(quad.nodes, nan=0.0)
-    return (quad.weights * f(nodes) * (quad.weights > 0)).sum(1) * quad.dim
 
 
 def _jackknife(stat, *samples: Tensor) -> tuple[float, float]:

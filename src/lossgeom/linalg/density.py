@@ -50,6 +50,11 @@ class Quadrature:
     dim: int
     n_matvecs: int
 
+    def per_probe(self, f) -> Tensor:
+        """``d * sum_j w_j f(theta_j)`` for each probe: unbiased estimates of ``tr f(A)``."""
+        nodes = torch.nan_to_num(self.nodes, nan=0.0)
+        return (self.weights * f(nodes) * (self.weights > 0)).sum(1) * self.dim
+
     def trace_of(self, f) -> tuple[float, float]:
         """Estimate ``tr f(A)`` and its standard error from the quadrature.
 
@@ -60,8 +65,7 @@ class Quadrature:
             ``(value, stderr)``: ``d`` times the mean over probes of
             ``sum_j w_j f(theta_j)``, and ``d`` times the standard error of that mean.
         """
-        nodes = torch.nan_to_num(self.nodes, nan=0.0)
-        per_probe = (self.weights * f(nodes) * (self.weights > 0)).sum(1) * self.dim
+        per_probe = self.per_probe(f)
         n = per_probe.numel()
         err = float(per_probe.std() / math.sqrt(n)) if n > 1 else float("inf")
         return float(per_probe.mean()), err
@@ -192,6 +196,12 @@ def slq(
     return Quadrature(nodes=nodes, weights=weights, dim=d, n_matvecs=n_mv)
 
 
+def _normalised(values: Tensor, x: Tensor) -> tuple[Tensor, float]:
+    """Scale a density to integrate to 1 on its grid; also return the mass it had."""
+    mass = float(torch.trapezoid(values, x))
+    return (values / mass if mass > 0 else values), mass
+
+
 def _grid_for(lo: float, hi: float, grid: Tensor | int | None, pad: float) -> Tensor:
     if isinstance(grid, Tensor):
         return grid.double()
@@ -245,9 +255,7 @@ def slq_density(
     z = (x[:, None, None] - nodes[None]) / sig
     kern = torch.exp(-0.5 * z * z) / (sig * math.sqrt(2 * math.pi))
     values = (kern * quad.weights[None]).sum(2).mean(1)
-    mass = torch.trapezoid(values, x)
-    if mass > 0:
-        values = values / mass
+    values, mass = _normalised(values, x)
     return DensityResult(
         grid=x,
         values=values,
@@ -256,7 +264,7 @@ def slq_density(
         n_matvecs=quad.n_matvecs,
         seconds=time.perf_counter() - start,
         quadrature=quad,
-        info={"n_probes": n_probes, "n_steps": n_steps, "mass_on_grid": float(mass)},
+        info={"n_probes": n_probes, "n_steps": n_steps, "mass_on_grid": mass},
     )
 
 
@@ -334,9 +342,7 @@ def kpm_density(
     ).sum(1)
     values = series / (math.pi * torch.sqrt(1 - t * t)) / half
     values = torch.where(inside, values.clamp_min(0), torch.zeros_like(values))
-    mass = torch.trapezoid(values, x)
-    if mass > 0:
-        values = values / mass
+    values, mass = _normalised(values, x)
     return DensityResult(
         grid=x,
         values=values,
