@@ -274,7 +274,8 @@ def make_source(
                 "over the data many times. Pass a re-iterable such as a list of "
                 "batches or a DataLoader."
             )
-        source = DataSource(
+        # emptiness shows on the first read, in Objective's validation pass
+        return DataSource(
             "iterable",
             f"{type(data).__name__}",
             iterable=data,
@@ -282,13 +283,6 @@ def make_source(
             placement=place,
             max_samples=max_samples,
         )
-        first = next(iter(source.batches()), None)
-        if first is None:
-            raise ValueError(
-                f"the data is empty: the {type(data).__name__} yielded no batches. "
-                "Pass at least one batch."
-            )
-        return source
 
     raise TypeError(
         "expected data as an (inputs, targets) pair of tensors, a map-style Dataset "

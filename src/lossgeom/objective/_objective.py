@@ -643,7 +643,13 @@ class Objective:
 
     def _validate(self) -> None:
         """Run the first batch once to turn shape and type mistakes into clear errors."""
-        x, y = next(iter(self.batches()))
+        first = next(iter(self.batches()), None)
+        if first is None:
+            raise ValueError(
+                f"the data is empty: the {self.data_description} yielded no "
+                "batches. Pass at least one batch."
+            )
+        x, y = first
         x, y = x[:_VALIDATION_SAMPLES], y[:_VALIDATION_SAMPLES]
         leaves = {
             n: p.detach().clone().requires_grad_(True)
