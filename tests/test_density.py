@@ -52,10 +52,14 @@ def test_slq_matches_the_exact_spectrum_in_wasserstein_distance(trained_mlp_hess
     ev = torch.linalg.eigvalsh(H)
     width = (ev.max() - ev.min()).item()
     op = DenseOperator(H)
-    small = [wasserstein1(slq(op, 10, 80, seed=s), ev) / width for s in range(4)]
+    small = [wasserstein1(slq(op, 10, 80, seed=s), ev) / width for s in range(8)]
     large = [wasserstein1(slq(op, 40, 200, seed=s), ev) / width for s in range(2)]
-    # measured: 10 probes x 80 steps give W1/width of 0.8e-3 to 1.3e-3 on this model
-    assert sum(small) / len(small) <= 1.5e-3, small
+    # the target is W1/width <= 1e-3 at 10 probes x 80 steps. It is an expected
+    # error, met on average: single runs measure 0.83e-3 to 1.23e-3 (probe noise in
+    # the bulk dominates; deflating the top 10 and bottom 5 eigenpairs exactly
+    # lowers the mean only to 0.71e-3)
+    assert sum(small) / len(small) <= 1e-3, small
+    assert max(small) <= 1.5e-3, small
     assert sum(large) / len(large) < 0.8 * sum(small) / len(small)  # converges (slowly)
 
 
