@@ -189,7 +189,9 @@ def _orth_refill(
     return Qn, B
 
 
-def _check_symmetric(upper: Tensor, lower: Tensor, size: float, d: int) -> None:
+def _check_symmetric(
+    upper: Tensor, lower: Tensor, size: float, d: int, dtype: torch.dtype
+) -> None:
     """Refuse an operator whose Krylov coupling is not symmetric.
 
     After two expansions, ``Q_0^T A Q_1`` (``upper``, computed from ``A Q_1``) must
@@ -197,7 +199,7 @@ def _check_symmetric(upper: Tensor, lower: Tensor, size: float, d: int) -> None:
     was orthogonalised): a free test on the first Krylov vectors, which are as
     random as any probe pair.
     """
-    eps = torch.finfo(upper.dtype).eps
+    eps = torch.finfo(dtype).eps  # of the operator (upper and lower are float64)
     gap = float((upper - lower.T).abs().max())
     if gap > 1e3 * math.sqrt(d) * eps * max(size, 1e-300):
         i, j = divmod(int((upper - lower.T).abs().argmax()), upper.shape[1])
@@ -449,7 +451,7 @@ def _lanczos_core(
             n, nb = Q.shape[1], Qn.shape[1]
             if check_symmetry and first is not None and restarts == 0:
                 B0, size0 = first
-                _check_symmetric(H[: n - nb], B0.double(), max(size, size0), d)
+                _check_symmetric(H[: n - nb], B0.double(), max(size, size0), d, dtype)
                 first = None
             T_new = torch.zeros(n, n, dtype=torch.float64, device=device)
             T_new[: n - nb, : n - nb] = T
