@@ -1,7 +1,30 @@
-"""Layer 3: models and data sets (a first slice: sklearn digits, an MLP, CIFAR ResNets)."""
+"""Layer 3: models and data sets for studies of loss-landscape geometry.
 
+``model(name, **options)`` builds a network of the registry (``models()`` lists the
+names and their options with defaults).
+"""
+
+from lossgeom.zoo._cnn import cnn
 from lossgeom.zoo._digits import digits
+from lossgeom.zoo._init import scale_init
 from lossgeom.zoo._mlp import mlp
-from lossgeom.zoo._resnet import cifar_resnet
+from lossgeom.zoo._models import model, models
+from lossgeom.zoo._resnet import cifar_resnet, resnet
+from lossgeom.zoo._transformer import transformer
+from lossgeom.zoo._vit import vit
 
-__all__ = ["cifar_resnet", "digits", "mlp"]
+__all__ = [
+    # registry
+    "model",
+    "models",
+    # model factories
+    "cifar_resnet",
+    "cnn",
+    "mlp",
+    "resnet",
+    "scale_init",
+    "transformer",
+    "vit",
+    # data
+    "digits",
+]
