@@ -1,6 +1,7 @@
 """lossgeom: the geometry of neural-network loss landscapes, measured and certified."""
 
 from lossgeom import testing as testing  # subpackage: lg.testing
+from lossgeom import train as train  # callable subpackage: lg.train(config)
 from lossgeom import zoo as zoo  # subpackage: lg.zoo
 from lossgeom.curvature import (
     GGNOperator,
@@ -30,6 +31,7 @@ from lossgeom.linalg import (
     TraceResult,
 )
 from lossgeom.objective import Counters, NonFiniteError, Objective
+from lossgeom.train import TrainConfig, TrainResult, load_config
 
 __version__ = "0.1.0"
 
@@ -63,4 +65,9 @@ __all__ = [
     "negative_mass",
     "outliers",
     "trace",
+    # training (lossgeom.train holds the rest; lg.train is the function)
+    "TrainConfig",
+    "TrainResult",
+    "load_config",
+    "train",
 ]

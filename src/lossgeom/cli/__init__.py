@@ -41,6 +41,33 @@ def demo(
     typer.echo(f"\nwrote {out / 'results.json'}")
 
 
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Argument(..., help="Training config (YAML)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run directory (default runs/<config name>)."
+    ),
+    resume: bool = typer.Option(
+        True, help="Continue from the last checkpoint in the run directory."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="No line per measurement."),
+) -> None:
+    """Train from CONFIG, writing metrics.jsonl, checkpoints and status.json."""
+    from lossgeom.train import ConfigError, train
+
+    try:
+        result = train(config, out, resume=resume, progress=not quiet)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    typer.echo(
+        f"{result.status} at step {result.step} in {result.seconds:.1f} s; "
+        f"run directory {result.run_dir}"
+    )
+    if result.status != "finished":
+        raise typer.Exit(code=3)
+
+
 def main() -> None:
     """Entry point of the ``lossgeom`` console script."""
     app()

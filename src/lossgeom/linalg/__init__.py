@@ -1,6 +1,11 @@
 """Layer 0: matrix-free linear algebra on symmetric operators (tensors only)."""
 
-from lossgeom.linalg._operator import DenseOperator, SymmetricOperator, check_block
+from lossgeom.linalg._operator import (
+    DenseOperator,
+    NonFiniteError,
+    SymmetricOperator,
+    check_block,
+)
 from lossgeom.linalg.density import (
     DensityResult,
     Quadrature,
@@ -18,6 +23,7 @@ __all__ = [
     "DiagonalResult",
     "Quadrature",
     "EigenResult",
+    "NonFiniteError",
     "SymmetricOperator",
     "TraceResult",
     "check_block",

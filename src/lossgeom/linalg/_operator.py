@@ -12,7 +12,13 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["DenseOperator", "SymmetricOperator", "apply_checked", "check_block"]
+__all__ = [
+    "DenseOperator",
+    "NonFiniteError",
+    "SymmetricOperator",
+    "apply_checked",
+    "check_block",
+]
 
 # Above this dimension ``to_dense`` refuses unless told ``max_dim``: a dense d x d
 # matrix of 20k parameters is 3.2 GB in float64 and 20k matrix-vector products.
@@ -66,11 +72,15 @@ def check_block(
     return V
 
 
+class NonFiniteError(ValueError):
+    """A loss, gradient or curvature product was NaN or infinite."""
+
+
 def apply_checked(op: SymmetricOperator, V: Tensor) -> Tensor:
     """``op @ V``, refusing non-finite results (they would poison every estimate)."""
     W = op @ V
     if not bool(torch.isfinite(W).all()):
-        raise ValueError(
+        raise NonFiniteError(
             "the operator returned non-finite values (NaN or inf) for a finite "
             "input; check the model and data at these parameters."
         )

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _NormBase
 
 from lossgeom.linalg import check_block
+from lossgeom.linalg._operator import NonFiniteError
 from lossgeom.objective._data import Batch, DataSource, make_source
 
 __all__ = ["Counters", "NonFiniteError", "Objective"]
@@ -27,10 +28,6 @@ HvpBackend = Literal["auto", "forward-over-reverse", "double-backward"]
 
 _BACKENDS = ("auto", "forward-over-reverse", "double-backward")
 _VALIDATION_SAMPLES = 32
-
-
-class NonFiniteError(ValueError):
-    """A loss, gradient or curvature product was NaN or infinite."""
 
 
 @dataclass

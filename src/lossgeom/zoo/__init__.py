@@ -5,6 +5,7 @@ names and their options with defaults).
 """
 
 from lossgeom.zoo._cnn import cnn
+from lossgeom.zoo._data_min import dataset, datasets
 from lossgeom.zoo._digits import digits
 from lossgeom.zoo._init import scale_init
 from lossgeom.zoo._mlp import mlp
@@ -26,5 +27,7 @@ __all__ = [
     "transformer",
     "vit",
     # data
+    "dataset",
+    "datasets",
     "digits",
 ]

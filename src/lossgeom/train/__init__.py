@@ -1,0 +1,77 @@
+"""Layer 3: training that measures its own geometry.
+
+``lossgeom.train(config)`` (re-exported at the top level) runs a training loop from a
+typed, validated config: full-batch GD, SGD (momentum, Nesterov), Adam/AdamW,
+schedules with warm-up, weight decay, image augmentation on tensors, bf16 autocast,
+activation checkpointing; callbacks every k steps write losses, accuracy, gradient
+norm, sharpness (warm-started Lanczos) against the edge-of-stability threshold and
+the Hessian trace with its standard error to ``metrics.jsonl``; an optional
+curvature-adaptive step size ``c / lambda_max``; atomic safetensors checkpoints that
+resume to the same final weights; divergence recorded, not raised.
+"""
+
+import sys
+import types
+
+from lossgeom.train._config import (
+    AdaptiveConfig,
+    AugmentConfig,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    load_config,
+)
+from lossgeom.train._loop import (
+    HalfSquaredError,
+    TrainResult,
+    augment,
+    schedule_factor,
+    train,
+)
+from lossgeom.train._probes import stability_threshold
+from lossgeom.train._state import MetricsLog, latest_checkpoint, load_checkpoint
+
+__all__ = [
+    # config
+    "AdaptiveConfig",
+    "AugmentConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "load_config",
+    # running
+    "HalfSquaredError",
+    "TrainResult",
+    "augment",
+    "schedule_factor",
+    "stability_threshold",
+    "train",
+    # run directories
+    "MetricsLog",
+    "latest_checkpoint",
+    "load_checkpoint",
+]
+
+
+class _CallableModule(types.ModuleType):
+    """Makes ``lossgeom.train(config)`` call :func:`train`.
+
+    ``lossgeom.train`` stays this module, so ``import lossgeom.train as t`` and
+    ``t.TrainConfig`` work as usual.
+    """
+
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

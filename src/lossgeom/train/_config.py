@@ -1,0 +1,371 @@
+"""The typed training configuration, read from YAML and validated before any work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "AdaptiveConfig",
+    "AugmentConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """An invalid training configuration; the message lists each bad field's path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which network to train.
+
+    Attributes:
+        name: a name of ``lossgeom.zoo.models()`` (e.g. ``mlp``, ``resnet20``).
+        factory: instead of ``name``, a user function ``"package.module:function"``
+            returning an ``nn.Module`` (the only code a config may name).
+        options: keyword options of the zoo model or the factory.
+    """
+
+    name: str | None = None
+    factory: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError(
+                "give exactly one of model.name (a zoo model) or model.factory "
+                "('package.module:function')"
+            )
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(
+                f"model.factory must look like 'package.module:function'; got "
+                f"{self.factory!r}"
+            )
+        if self.name is not None:
+            from lossgeom.zoo import models
+
+            known = models()
+            if self.name not in known:
+                raise ValueError(
+                    f"unknown zoo model {self.name!r}; valid names: {sorted(known)}"
+                )
+            bad = sorted(set(self.options) - set(known[self.name]))
+            if bad:
+                raise ValueError(
+                    f"unknown option(s) {bad} for model {self.name!r}; valid options "
+                    f"(with defaults): {known[self.name]}"
+                )
+        return self
+
+
+class DataConfig(_Strict):
+    """The training data and the held-out evaluation data.
+
+    Attributes:
+        name: a name of ``lossgeom.zoo.datasets()`` (e.g. ``digits``, ``mnist1d``).
+        root: folder of the standard files for data sets loaded from disk.
+        subset: train on a seeded random subset of this many training samples.
+        test_subset: evaluate on a seeded subset of the test split (``None``: all).
+        seed: seed of the data set (generation, split and subsets).
+        options: further options of the data set.
+        test: evaluate on the test split (where the data set has one).
+    """
+
+    name: str
+    root: str | None = None
+    subset: PositiveInt | None = None
+    test_subset: PositiveInt | None = None
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+    test: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from lossgeom.zoo import datasets
+
+        known = datasets()
+        if name not in known:
+            raise ValueError(f"unknown data set {name!r}; valid names: {sorted(known)}")
+        return name
+
+
+class AdaptiveConfig(_Strict):
+    """Curvature-adaptive step size ``eta_t = c / lambda_max`` (times the schedule).
+
+    ``lambda_max`` is the top Hessian eigenvalue on the probe set, tracked by a
+    warm-started Lanczos run every ``every`` steps. Gradient descent on a quadratic
+    is stable for ``eta < 2 / lambda_max``, so ``c < 2`` keeps the step below the
+    edge of stability and ``c = 1`` is the Newton step along the top direction.
+
+    Attributes:
+        c: numerator of the step size.
+        every: steps between updates of ``lambda_max``.
+        max_lr: upper bound on the step (guards against ``lambda_max`` near zero).
+    """
+
+    c: PositiveFloat = 1.0
+    every: PositiveInt = 10
+    max_lr: PositiveFloat = 10.0
+
+
+class OptimConfig(_Strict):
+    """The optimizer.
+
+    Attributes:
+        name: ``gd`` (full-batch gradient descent; ``batch_size`` is ignored),
+            ``sgd``, ``adam`` or ``adamw``.
+        lr: base step size.
+        momentum: heavy-ball momentum of ``gd``/``sgd`` (PyTorch's form).
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        betas: Adam's moment decay rates.
+        eps: Adam's denominator offset.
+        weight_decay: L2 penalty (``adamw``: decoupled).
+        adaptive: curvature-adaptive step size; ``None``: off.
+    """
+
+    name: Literal["gd", "sgd", "adam", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.1
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    nesterov: bool = False
+    betas: tuple[
+        Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]
+    ] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    adaptive: AdaptiveConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OptimConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0 (e.g. momentum: 0.9)")
+        if self.name in ("adam", "adamw") and (self.momentum or self.nesterov):
+            raise ValueError(
+                f"momentum/nesterov are options of gd and sgd; {self.name} uses betas"
+            )
+        if self.adaptive is not None and self.name not in ("gd", "sgd"):
+            raise ValueError(
+                "the curvature-adaptive step size is defined for gd and sgd "
+                f"(eta = c / lambda_max); got optimizer {self.name!r}"
+            )
+        return self
+
+
+class ScheduleConfig(_Strict):
+    """Step-size schedule: a factor multiplying ``lr`` at each step.
+
+    Attributes:
+        kind: ``constant``; ``step`` (times ``gamma`` every ``step_size`` steps);
+            ``cosine`` (from 1 to ``min_factor`` over the steps after warm-up).
+        warmup_steps: linear warm-up from ``1 / warmup_steps`` to 1.
+        step_size: steps between decays of ``step``.
+        gamma: decay factor of ``step``.
+        min_factor: final factor of ``cosine``.
+    """
+
+    kind: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    step_size: PositiveInt = 1000
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    min_factor: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class AugmentConfig(_Strict):
+    """Image augmentation on tensors (inputs of shape ``(n, C, H, W)``).
+
+    Attributes:
+        crop_padding: random crop after zero padding by this many pixels (0: off).
+        flip: random horizontal flip with probability 1/2.
+    """
+
+    crop_padding: Annotated[int, Field(ge=0)] = 4
+    flip: bool = True
+
+
+class MetricsConfig(_Strict):
+    """What the callbacks measure, every ``every`` steps, into ``metrics.jsonl``.
+
+    Attributes:
+        every: steps between measurements (step 0 and the last step included).
+        eval_samples: train/test loss and accuracy on seeded subsets of this size
+            (``None``: the whole split).
+        probe_samples: curvature (gradient norm, sharpness, trace) on a fixed
+            seeded subset of the training data of this size (``None``: all of it).
+        probe_mode: ``eval`` or ``train`` mode of the model during probes
+            (BatchNorm: running or batch statistics).
+        sharpness: top Hessian eigenvalue, warm-started from the last one.
+        sharpness_tol: its relative residual tolerance.
+        sharpness_max_matvecs: its product budget per measurement.
+        trace_matvecs: Hessian trace with standard error (0: off).
+    """
+
+    every: PositiveInt = 50
+    eval_samples: PositiveInt | None = 2048
+    probe_samples: PositiveInt | None = 1024
+    probe_mode: Literal["eval", "train"] = "eval"
+    sharpness: bool = True
+    sharpness_tol: PositiveFloat = 1e-3
+    sharpness_max_matvecs: PositiveInt = 60
+    trace_matvecs: Annotated[int, Field(ge=0)] = 0
+
+
+class CheckpointConfig(_Strict):
+    """When to save weights, optimizer state and RNG state.
+
+    Attributes:
+        every: save every this many steps (``None``: only at ``steps`` and the end).
+        steps: extra steps to save at.
+        keep_last: keep only this many periodic checkpoints (``None``: all); the
+            ones at ``steps`` and the final one are always kept.
+    """
+
+    every: PositiveInt | None = None
+    steps: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    keep_last: PositiveInt | None = None
+
+
+class TrainConfig(_Strict):
+    """A whole training run; every default is visible here.
+
+    Attributes:
+        name: a label recorded with the run.
+        seed: seed of initialisation, batch order, augmentation and probes.
+        model, data, optim, schedule, checkpoint: see their classes.
+        metrics: the callbacks (``None``: no measurements; ``metrics.jsonl``
+            stays empty).
+        loss: ``cross_entropy``, or ``mse``: ``0.5 * ||f(x) - onehot(y)||^2``
+            summed over classes and averaged over samples (regression targets
+            are used as given).
+        steps: optimizer steps.
+        batch_size: samples per step (``None`` or ``gd``: the whole training set).
+        augment: image augmentation (``None``: off).
+        bf16: forward and backward passes under bfloat16 autocast.
+        grad_checkpointing: recompute activations of the model's blocks in the
+            backward pass instead of storing them.
+        device: ``cpu``, ``cuda``, ... (``None``: CUDA when present).
+        dtype: parameter dtype.
+    """
+
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt | None = 128
+    augment: AugmentConfig | None = None
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    metrics: MetricsConfig | None = Field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    device: str | None = None
+    dtype: Literal["float32", "float64"] = "float32"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.schedule.warmup_steps >= self.steps:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be "
+                f"smaller than steps ({self.steps})"
+            )
+        late = [s for s in self.checkpoint.steps if s > self.steps]
+        if late:
+            raise ValueError(
+                f"checkpoint.steps {late} lie after the last step ({self.steps})"
+            )
+        if self.bf16 and self.dtype == "float64":
+            raise ValueError("bf16 autocast needs dtype float32")
+        return self
+
+    @property
+    def full_batch(self) -> bool:
+        """Whether every step uses the whole training set."""
+        return self.optim.name == "gd" or self.batch_size is None
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid training config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(source: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
+    """Validate a training config from a dict, a YAML file, or a ready config.
+
+    Args:
+        source: a :class:`TrainConfig`, a dict, or the path of a YAML file.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: naming each invalid field by its path and the reason.
+        FileNotFoundError: the YAML file does not exist.
+
+    Example:
+        >>> cfg = load_config({"model": {"name": "mlp"}, "data": {"name": "digits"},
+        ...                    "optim": {"name": "gd", "lr": 0.1}, "steps": 10})
+        >>> cfg.full_batch, cfg.optim.momentum
+        (True, 0.0)
+        >>> load_config({"model": {"name": "mlp"}, "data": {"name": "digits"},
+        ...              "optim": {"lr": -1}})
+        Traceback (most recent call last):
+        ...
+        lossgeom.train._config.ConfigError: invalid training config (dict):
+          optim.lr: Input should be greater than 0 (got -1)
+    """
+    if isinstance(source, TrainConfig):
+        return source
+    where = "dict"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {str(path)!r} does not exist.")
+        where = str(path)
+        try:
+            source = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where} is not valid YAML: {err}") from err
+    if not isinstance(source, dict):
+        raise ConfigError(
+            f"a training config is a mapping of fields (model, data, optim, ...); "
+            f"{where} holds a {type(source).__name__}."
+        )
+    try:
+        return TrainConfig.model_validate(source)
+    except ValidationError as err:
+        raise ConfigError(_format(err, where)) from None
