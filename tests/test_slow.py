@@ -1,5 +1,7 @@
 """Checks on full-size models, too slow for `make test`: run with `make test-slow`."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,3 +36,25 @@ def test_resnet20_hvp_backends_agree_and_match_finite_differences():
     assert abs(V[:, 0] @ b[:, 1] - V[:, 1] @ b[:, 0]) <= 1e-10 * b.norm() * V.norm()
     top = lg.eigenvalues(obj, 2, tol=1e-8)
     assert top.all_converged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr", [0.2, 0.12])
+def test_edge_of_stability(tmp_path, lr):
+    """examples/edge_of_stability.yaml: sharpness rises from well below 2/lr, then
+    stays within 15% of 2/lr over the last half of training (Cohen et al. 2021)."""
+    import yaml
+
+    cfg = yaml.safe_load(
+        (
+            Path(__file__).parent.parent / "examples" / "edge_of_stability.yaml"
+        ).read_text()
+    )
+    cfg["optim"]["lr"] = lr
+    res = lg.train(cfg, tmp_path / "run")
+    assert res.status == "finished"
+    threshold = 2 / lr
+    rows = res.metrics
+    assert rows[0]["sharpness"] < 0.6 * threshold
+    late = [r["sharpness"] / threshold for r in rows if r["step"] >= cfg["steps"] // 2]
+    assert 0.85 <= min(late) and max(late) <= 1.15, late
