@@ -23,6 +23,7 @@ torch): ``pip install --no-deps pyhessian curvlinops-for-pytorch
 backpack-for-pytorch einops einconv linear_operator opt-einsum jaxtyping``.
 
 Usage: python benchmarks/spectra.py [--cases a,b,c] [--density-probes 2 --density-steps 20]
+(rows of cases not run are kept from the existing results file)
 """
 
 from __future__ import annotations
@@ -367,8 +368,19 @@ def main():
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "dtype": "float32 (references float64)",
     }
+    out = Path(args.out)
+    if out.is_file():  # keep the other cases' rows (each row has its own date)
+        import json
+
+        done = {r["case"] for r in rows}
+        kept = [
+            r for r in json.loads(out.read_text())["results"] if r["case"] not in done
+        ]
+        rows = sorted(kept + rows, key=lambda r: r["case"])
+    for r in rows:
+        r.setdefault("date", machine["date"])
     atomic_write_json(
-        args.out, {"benchmark": "spectra", "machine": machine, "results": rows}
+        out, {"benchmark": "spectra", "machine": machine, "results": rows}
     )
     print(f"wrote {args.out}")
 
