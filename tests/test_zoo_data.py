@@ -1,0 +1,141 @@
+"""Data sets by name: generated sets, MNIST IDX files written here, every error path."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import lossgeom as lg
+from lossgeom.zoo import dataset, datasets
+
+
+def write_idx(path, array: np.ndarray, gz: bool = False):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        struct.pack(">I", s) for s in array.shape
+    )
+    raw = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+    return path
+
+
+@pytest.fixture
+def mnist_root(tmp_path):
+    rng = np.random.default_rng(0)
+    data = {}
+    for split, (img, lab), n, gz in (
+        ("train", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), 12, False),
+        ("test", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), 5, True),
+    ):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(tmp_path / img, images, gz)
+        write_idx(tmp_path / lab, labels, gz)
+        data[split] = (images, labels)
+    return tmp_path, data
+
+
+@pytest.mark.parametrize("kind", ["mnist", "fashion_mnist"])
+def test_idx_files_load_exactly(mnist_root, kind):
+    root, data = mnist_root
+    for split in ("train", "test"):  # test files are gzipped
+        X, y = dataset(kind, root=root, split=split)
+        images, labels = data[split]
+        assert X.shape == (len(labels), 1, 28, 28) and X.dtype == torch.float32
+        assert torch.equal(X[:, 0], torch.from_numpy(images).float() / 255)
+        assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
+
+
+def test_idx_errors(mnist_root, tmp_path_factory):
+    root, _ = mnist_root
+    with pytest.raises(ValueError, match="pass root="):
+        dataset("mnist")
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(
+        FileNotFoundError, match="train-images-idx3-ubyte.*never downloads"
+    ):
+        dataset("mnist", root=empty)
+    bad = root / "train-images-idx3-ubyte"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:-10])
+    with pytest.raises(ValueError, match="declares shape .* truncated"):
+        dataset("mnist", root=root)
+    bad.write_bytes(b"\x00\x00\x0d\x03" + good[4:])
+    with pytest.raises(ValueError, match="magic"):
+        dataset("mnist", root=root)
+    bad.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        dataset("mnist", root=root)
+    write_idx(bad, np.zeros((11, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match="11 images but .* 12 labels"):
+        dataset("mnist", root=root)
+    (root / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="not a valid gzip"):
+        dataset("mnist", root=root, split="test")
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown data set 'cifar5'.*digits"):
+        dataset("cifar5")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['dims'\].*'dim': 20"):
+        dataset("gaussian_mixture", dims=3)
+    with pytest.raises(ValueError, match="split must be"):
+        dataset("digits", split="val")
+    with pytest.raises(ValueError, match=r"subset must be an integer in \[1, 1438\]"):
+        dataset("digits", subset=5000)
+    with pytest.raises(ValueError, match="takes no root"):
+        dataset("digits", root="/tmp")
+    with pytest.raises(ValueError, match="classes <= dim"):
+        dataset("gaussian_mixture", dim=2, classes=3)
+    assert set(datasets()) >= {"digits", "mnist1d", "mnist", "teacher_student"}
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("gaussian_mixture", {"n": 300, "dim": 6, "classes": 3}),
+        ("teacher_student", {"n": 300, "dim": 6, "outputs": 3}),
+        ("teacher_student", {"n": 300, "task": "regression", "noise": 0.1}),
+        ("digits", {}),
+    ],
+)
+def test_seeded_and_deterministic(name, options):
+    a = dataset(name, seed=3, subset=50, **options)
+    b = dataset(name, seed=3, subset=50, **options)
+    c = dataset(name, seed=4, subset=50, **options)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert not torch.equal(a[0], c[0])
+    train, test = (
+        dataset(name, seed=3, **options),
+        dataset(name, split="test", seed=3, **options),
+    )
+    assert train[0].shape[0] > 3 * test[0].shape[0] > 0
+
+
+def test_synthetic_data_has_the_stated_structure():
+    X, y = dataset("gaussian_mixture", n=4000, dim=10, classes=4, margin=3.0)
+    means = torch.stack([X[y == c].mean(0) for c in range(4)])
+    dist = torch.cdist(means, means)[~torch.eye(4, dtype=torch.bool)]
+    assert torch.allclose(dist, torch.full_like(dist, 3.0), atol=0.15)
+    _, clean = dataset("teacher_student", n=2000)
+    _, noisy = dataset("teacher_student", n=2000, noise=0.5)
+    changed = (clean != noisy).float().mean().item()
+    assert 0.3 < changed < 0.45  # half relabelled uniformly: 3/4 of those change
+
+
+def test_mnist1d_is_generated_offline():
+    X, y = dataset("mnist1d", num_samples=1000)
+    Xt, yt = dataset("mnist1d", split="test", num_samples=1000)
+    assert X.shape == (800, 40) and Xt.shape == (200, 40)
+    assert set(y.tolist()) == set(range(10))
+    model = lg.zoo.model(
+        "transformer", seq_len=40, dim=16, depth=1, heads=2, mlp_dim=16
+    )
+    assert model(X[:4]).shape == (4, 10)
+    state = np.random.get_state()[1].copy()
+    dataset("mnist1d", num_samples=200)
+    assert np.array_equal(np.random.get_state()[1], state)  # global state untouched
