@@ -139,3 +139,61 @@ def test_mnist1d_is_generated_offline():
     state = np.random.get_state()[1].copy()
     dataset("mnist1d", num_samples=200)
     assert np.array_equal(np.random.get_state()[1], state)  # global state untouched
+
+
+def write_cifar(folder, name, n, key, seed):
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).tolist()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(pickle.dumps({b"data": data, key: labels}, protocol=2))
+    return data, labels
+
+
+def test_cifar_batches_load_exactly(tmp_path):
+    sub = tmp_path / "cifar-10-batches-py"
+    parts = [write_cifar(sub, f"data_batch_{i}", 3, b"labels", i) for i in range(1, 6)]
+    write_cifar(sub, "test_batch", 2, b"labels", 9)
+    for root in (tmp_path, sub):  # the folder or its parent
+        X, y = dataset("cifar10", root=root)
+        assert X.shape == (15, 3, 32, 32)
+        data = np.concatenate([d for d, _ in parts])
+        assert torch.equal(X, torch.from_numpy(data).float().view(15, 3, 32, 32) / 255)
+        assert y.tolist() == sum((lab for _, lab in parts), [])
+    assert dataset("cifar10", root=tmp_path, split="test")[0].shape == (2, 3, 32, 32)
+    sub100 = tmp_path / "cifar-100-python"
+    write_cifar(sub100, "train", 4, b"fine_labels", 0)
+    with pytest.raises(ValueError, match="b'coarse_labels'"):
+        dataset("cifar100", root=tmp_path, coarse=True)
+    assert dataset("cifar100", root=tmp_path)[0].shape == (4, 3, 32, 32)
+
+
+def test_cifar_errors(tmp_path):
+    with pytest.raises(ValueError, match="pass root="):
+        dataset("cifar10")
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*cs.toronto.edu"):
+        dataset("cifar10", root=tmp_path)
+    sub = tmp_path / "cifar-10-batches-py"
+    write_cifar(sub, "test_batch", 2, b"labels", 0)
+    (sub / "test_batch").write_bytes(b"PK\x03\x04 a zip, not a pickle")
+    with pytest.raises(ValueError, match="not a python pickle"):
+        dataset("cifar10", root=tmp_path, split="test")
+    write_cifar(sub, "test_batch", 2, b"fine_labels", 0)
+    with pytest.raises(ValueError, match=r"keys b'data' and b'labels'"):
+        dataset("cifar10", root=tmp_path, split="test")
+    import pickle
+
+    (sub / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    )
+    with pytest.raises(ValueError, match=r"\(n, 3072\)"):
+        dataset("cifar10", root=tmp_path, split="test")
+    (sub / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]})
+    )
+    with pytest.raises(ValueError, match="2 images but"):
+        dataset("cifar10", root=tmp_path, split="test")
+    with pytest.raises(ValueError, match="cifar100 only"):
+        dataset("cifar10", root=tmp_path, coarse=True)
