@@ -462,3 +462,16 @@ def test_cli_train(tmp_path):
     path.write_text(yaml.safe_dump(small(optim={"lr": 0})))
     res = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "optim.lr" in res.output
+
+
+def test_domain_shifted_test_split(tmp_path):
+    plain = lg.train(small(steps=20), tmp_path / "a")
+    shifted = lg.train(
+        small(steps=20, data={"shift": {"kind": "noise", "severity": 2.0}}),
+        tmp_path / "b",
+    )
+    a, b = plain.metrics[-1], shifted.metrics[-1]
+    assert a["train_loss"] == b["train_loss"]  # same training
+    assert b["test_loss"] > a["test_loss"]  # worse under shift
+    with pytest.raises(ConfigError, match="data.shift.kind"):
+        lg.train(small(data={"shift": {"kind": "blur", "severity": 1}}), tmp_path / "c")

@@ -197,3 +197,81 @@ def test_cifar_errors(tmp_path):
         dataset("cifar10", root=tmp_path, split="test")
     with pytest.raises(ValueError, match="cifar100 only"):
         dataset("cifar10", root=tmp_path, coarse=True)
+
+
+# ------------------------------------------------------------------ surfaces
+def closed_form_hessian(name, w):
+    w1, w2 = w
+    if name == "double_well":
+        return torch.tensor([[12 * w1**2 - 4, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    if name == "rosenbrock":
+        return torch.tensor(
+            [[2 + 1200 * w1**2 - 400 * w2, -400 * w1], [-400 * w1, 200.0]],
+            dtype=torch.float64,
+        )
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["double_well", "rosenbrock"])
+@pytest.mark.parametrize("w", [(0.3, -0.7), (1.0, 1.0), (-1.2, 0.4)])
+def test_surfaces_match_their_closed_forms(name, w):
+    obj = lg.Objective(*lg.zoo.surface(name, start=w), dtype=torch.float64)
+    H = lg.hessian(obj).to_dense()
+    assert torch.allclose(H, closed_form_hessian(name, w), rtol=1e-12, atol=1e-10)
+    assert torch.allclose(H, lg.testing.exact_hessian(obj), rtol=1e-12, atol=1e-12)
+    w1, w2 = w
+    value = (
+        (w1**2 - 1) ** 2 + w2**2 / 2
+        if name == "double_well"
+        else (1 - w1) ** 2 + 100 * (w2 - w1**2) ** 2
+    )
+    assert obj.loss() == pytest.approx(value, rel=1e-12)
+
+
+def test_sharp_and_flat_basins():
+    tops, losses = [], []
+    for centre in ((-3.0, 0.0), (3.0, 0.0)):
+        obj = lg.Objective(
+            *lg.zoo.surface("sharp_flat", start=centre), dtype=torch.float64
+        )
+        tops.append(lg.eigenvalues(obj, 1, tol=1e-10).values[0].item())
+        losses.append(obj.loss())
+        assert obj.grad().norm() < 1e-3  # (nearly) a minimum: the other tail is tiny
+    assert tops[0] / tops[1] == pytest.approx(20.0, rel=1e-3)  # sharp / flat
+    assert losses[0] == pytest.approx(losses[1], abs=1e-3)
+    with pytest.raises(ValueError, match="unknown surface"):
+        lg.zoo.surface("saddle")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['c'\]"):
+        lg.zoo.surface("rosenbrock", c=1.0)
+
+
+# ------------------------------------------------------------------ shift
+def test_shifts():
+    from lossgeom.zoo import shift
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(6, 1, 8, 8, generator=gen)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert torch.equal(shift(X, y, "rotate", 0)[0], X)
+    assert torch.equal(shift(X, y, "noise", 0)[0], X)
+    r90 = shift(shift(X, y, "rotate", 90)[0], y, "rotate", 90)[0]
+    assert torch.allclose(r90, X.flip(-1).flip(-2), atol=1e-5)  # two quarter turns
+    once = shift(X, y, "rotate", 90)[0]
+    assert torch.allclose(
+        once, torch.rot90(X, 1, dims=(-2, -1)), atol=1e-5
+    ) or torch.allclose(once, torch.rot90(X, -1, dims=(-2, -1)), atol=1e-5)
+    noisy = shift(X, y, "noise", 0.5, seed=1)[0]
+    assert torch.equal(noisy, shift(X, y, "noise", 0.5, seed=1)[0])
+    assert 0.4 < (noisy - X).std().item() < 0.6
+    Xd, yd = dataset("digits")
+    Xr, yr = shift(Xd, yd, "rebalance", 10.0, seed=0)
+    counts = torch.bincount(yr, minlength=10).float()
+    head = torch.bincount(yd, minlength=10).min().item()
+    expected = torch.tensor([round(head * 10 ** (-i / 9)) for i in range(10)]).float()
+    assert torch.equal(counts, expected)
+    with pytest.raises(ValueError, match="kind must be"):
+        shift(X, y, "blur", 1)
+    with pytest.raises(ValueError, match=r"\(n, C, H, W\)"):
+        shift(torch.zeros(3, 4), y[:3], "rotate", 10)
+    with pytest.raises(ValueError, match="ratio >= 1"):
+        shift(X, y, "rebalance", 0.5)

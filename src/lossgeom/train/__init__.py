@@ -23,6 +23,7 @@ from lossgeom.train._config import (
     ModelConfig,
     OptimConfig,
     ScheduleConfig,
+    ShiftConfig,
     TrainConfig,
     load_config,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ScheduleConfig",
+    "ShiftConfig",
     "TrainConfig",
     "load_config",
     # running

@@ -26,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ScheduleConfig",
+    "ShiftConfig",
     "TrainConfig",
     "load_config",
 ]
@@ -85,6 +86,13 @@ class ModelConfig(_Strict):
         return self
 
 
+class ShiftConfig(_Strict):
+    """A domain shift applied to the test split (see ``lossgeom.zoo.shift``)."""
+
+    kind: Literal["rotate", "noise", "rebalance"]
+    severity: Annotated[float, Field(ge=0)]
+
+
 class DataConfig(_Strict):
     """The training data and the held-out evaluation data.
 
@@ -96,6 +104,7 @@ class DataConfig(_Strict):
         seed: seed of the data set (generation, split and subsets).
         options: further options of the data set.
         test: evaluate on the test split (where the data set has one).
+        shift: evaluate on a domain-shifted test split (``None``: as it is).
     """
 
     name: str
@@ -105,6 +114,7 @@ class DataConfig(_Strict):
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)
     test: bool = True
+    shift: ShiftConfig | None = None
 
     @field_validator("name")
     @classmethod

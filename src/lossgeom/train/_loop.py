@@ -117,6 +117,10 @@ def _load_data(cfg: TrainConfig):
             seed=d.seed,
             **d.options,
         )
+    if test is not None and d.shift is not None:
+        from lossgeom.zoo import shift
+
+        test = shift(*test, d.shift.kind, d.shift.severity, seed=d.seed)
     for name, part in (("train", train), ("test", test)):
         if part is not None and not (
             isinstance(part, tuple) and all(isinstance(t, Tensor) for t in part)
