@@ -65,6 +65,13 @@ def main() -> None:
             "probe_samples": 128,
             "eval_samples": 512,
         },
+        "cheap_tol_1e-2": {
+            "every": args.every,
+            "trace_matvecs": 0,
+            "probe_samples": 128,
+            "eval_samples": 512,
+            "sharpness_tol": 1e-2,
+        },
         "default": {"every": args.every, "trace_matvecs": 0},
     }
     plain: list[float] = []

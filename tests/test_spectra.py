@@ -288,3 +288,14 @@ def test_float32_hessian_passes_the_symmetry_test():
     for seed in range(5):
         res = lg.eigenvalues(obj, 3, tol=1e-4, seed=seed)
         assert res.all_converged
+
+
+def test_residuals_from_the_lanczos_relation_match_explicit_ones():
+    op = rotated(torch.linspace(-1, 3, 200, dtype=DTYPE) ** 3)
+    for tol in (1e-3, 1e-8):
+        a = lg.eigenvalues(op, 3, tol=tol, verify=False)
+        b = lg.eigenvalues(op, 3, tol=tol, verify=False, explicit_residuals=False)
+        assert b.n_matvecs == a.n_matvecs - 3
+        assert torch.equal(a.values, b.values)
+        assert torch.allclose(a.residuals, b.residuals, rtol=1e-6, atol=1e-12)
+        assert b.info["residuals"] == "from the Lanczos relation"

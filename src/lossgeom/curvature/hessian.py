@@ -118,6 +118,23 @@ class HessianOperator(ObjectiveOperator):
         obj.counters.hvp += V.shape[1]
         return out
 
+    def gradient(self) -> Tensor:
+        """The gradient at the operator's parameters.
+
+        Read from the kept graphs when products use them (no extra data pass: the
+        graphs hold each batch's gradient), otherwise computed by the objective.
+        """
+        if self.cached is None and self.objective.hvp_backend_used != (
+            "forward-over-reverse"
+        ):
+            self._build_cache()
+        if not self.cached:
+            return self.objective.grad(self.theta)
+        graphs = iter(self._graphs)
+        return self.objective.accumulate(
+            lambda x, y: next(graphs)[1].detach(), what="gradient", count_pass=False
+        )
+
     def release(self) -> None:
         """Drop the kept graphs (products then recompute)."""
         self._graphs = None

@@ -64,6 +64,7 @@ def eigenvalues(
     block_size: int | None = None,
     v0: Tensor | None = None,
     verify: bool = True,
+    explicit_residuals: bool = True,
 ) -> EigenResult:
     """Extreme eigenvalues with residual certificates.
 
@@ -84,6 +85,8 @@ def eigenvalues(
         v0: warm-start vectors ``(d, j)``.
         verify: search the deflated operator once more for a missed eigenvalue
             (a further copy of a repeated one); turn off for cheap tracking.
+        explicit_residuals: recompute the residuals with ``k`` more products
+            (default); ``False`` takes them from the Lanczos relation.
 
     Returns:
         :class:`~lossgeom.linalg.lanczos.EigenResult` with ``values``,
@@ -101,6 +104,7 @@ def eigenvalues(
             block_size=block_size,
             v0=v0,
             verify=verify,
+            explicit_residuals=explicit_residuals,
         )
     if method == "power":
         if which != "magnitude":

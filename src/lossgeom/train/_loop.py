@@ -479,6 +479,7 @@ def train(
                     v0=adapt_v0,
                     seed=cfg.seed + step,
                     verify=False,
+                    explicit_residuals=False,
                 )
                 adapt_v0, adapt_lambda = res.vectors, float(res.values[0])
         except NonFiniteError as err:
