@@ -275,3 +275,60 @@ def test_shifts():
         shift(torch.zeros(3, 4), y[:3], "rotate", 10)
     with pytest.raises(ValueError, match="ratio >= 1"):
         shift(X, y, "rebalance", 0.5)
+
+
+def write_tiny_imagenet(root, per_class=3):
+    from PIL import Image
+
+    folder = root / "tiny-imagenet-200"
+    wnids = ["n01443537", "n01629819"]
+    (folder).mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rng = np.random.default_rng(0)
+    for w in wnids:
+        d = folder / "train" / w / "images"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"{w}_{i}.JPEG", format="JPEG")
+    (folder / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i, w in enumerate([wnids[1], wnids[0]]):
+        arr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(
+            folder / "val" / "images" / f"val_{i}.JPEG", format="JPEG"
+        )
+        lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_tiny_imagenet_folder(tmp_path):
+    from PIL import Image
+
+    folder = write_tiny_imagenet(tmp_path)
+    X, y = dataset("tiny_imagenet", root=tmp_path)
+    assert X.shape == (6, 3, 64, 64) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    first = np.asarray(
+        Image.open(folder / "train" / "n01443537" / "images" / "n01443537_0.JPEG")
+    )
+    assert torch.equal(
+        X[0], torch.from_numpy(first.copy()).permute(2, 0, 1).float() / 255
+    )
+    Xv, yv = dataset("tiny_imagenet", root=folder, split="test")
+    assert Xv.shape == (2, 3, 64, 64) and yv.tolist() == [1, 0]
+    Xs, ys = dataset("tiny_imagenet", root=tmp_path, subset=4, seed=1)
+    assert Xs.shape[0] == 4 and all(any(torch.equal(a, b) for b in X) for a in Xs)
+    with pytest.raises(ValueError, match=r"subset must be an integer in \[1, 6\]"):
+        dataset("tiny_imagenet", root=tmp_path, subset=7)
+    with pytest.raises(ValueError, match="positive integer"):
+        dataset("tiny_imagenet", root=tmp_path, subset=0)
+    (folder / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\n")
+    with pytest.raises(ValueError, match="line 1.*wnid of wnids.txt"):
+        dataset("tiny_imagenet", root=tmp_path, split="test")
+    bad = folder / "train" / "n01443537" / "images" / "n01443537_1.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="not a readable image"):
+        dataset("tiny_imagenet", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="wnids.txt.*tiny-imagenet-200.zip"):
+        dataset("tiny_imagenet", root=tmp_path / "nothing")
