@@ -475,3 +475,18 @@ def test_domain_shifted_test_split(tmp_path):
     assert b["test_loss"] > a["test_loss"]  # worse under shift
     with pytest.raises(ConfigError, match="data.shift.kind"):
         lg.train(small(data={"shift": {"kind": "blur", "severity": 1}}), tmp_path / "c")
+
+
+def test_keep_last_prunes_periodic_checkpoints_only(tmp_path):
+    res = lg.train(
+        small(
+            metrics={"every": 40, "trace_matvecs": 0},
+            checkpoint={"every": 10, "steps": [15], "keep_last": 1},
+        ),
+        tmp_path / "k",
+    )
+    names = sorted(p.stem for p in (res.run_dir / "checkpoints").glob("*.json"))
+    assert names == ["step_0000015", "step_0000030", "step_0000040"]
+    assert all(
+        (res.run_dir / "checkpoints" / f"{n}.safetensors").is_file() for n in names
+    )
