@@ -490,3 +490,12 @@ def test_keep_last_prunes_periodic_checkpoints_only(tmp_path):
     assert all(
         (res.run_dir / "checkpoints" / f"{n}.safetensors").is_file() for n in names
     )
+
+
+def test_bad_or_unavailable_device_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not a torch device"):
+        lg.train(small(device="gpu0"), tmp_path / "r")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="does not have; set device: cpu"):
+            lg.train(small(device="cuda"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()

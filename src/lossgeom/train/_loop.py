@@ -328,14 +328,24 @@ def train(
     start_time = time.perf_counter()
     cfg = load_config(config)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
+    try:
+        device = torch.device(
+            cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+    except RuntimeError as err:
+        raise ValueError(
+            f"device {cfg.device!r} is not a torch device: {err}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {cfg.device!r} asks for CUDA, which this machine does not have; "
+            "set device: cpu (or leave it out to use CUDA only when present)."
+        )
     _prepare_dir(run_dir, cfg, resume)
     log = MetricsLog(run_dir / "metrics.jsonl")
     ckpt_dir = run_dir / "checkpoints"
 
     status = read_status(run_dir)
-    device = torch.device(
-        cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    )
     dtype = getattr(torch, cfg.dtype)
     (X, y), test = _load_data(cfg)
     if cfg.model.name == "mlp" and X.ndim > 2:
