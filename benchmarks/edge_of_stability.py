@@ -27,7 +27,7 @@ import torch
 import yaml
 
 import lossgeom as lg
-from lossgeom._io import atomic_write_json
+from lossgeom._io import atomic_path, atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "edge_of_stability.yaml"
@@ -80,11 +80,11 @@ def plot(results: list[dict], path: Path) -> None:
     ax2.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
     ax1.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def main() -> None:

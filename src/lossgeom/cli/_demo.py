@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import lossgeom as lg
-from lossgeom._io import atomic_write_json
+from lossgeom._io import atomic_path, atomic_write_json
 from lossgeom.zoo import digits, mlp
 
 __all__ = ["format_table", "run_demo"]
@@ -243,10 +243,11 @@ def _plot_density(dens, top: torch.Tensor, path: Path) -> str | None:
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
     return path.name
 
 

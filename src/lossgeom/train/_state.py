@@ -11,16 +11,14 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lossgeom._io import atomic_write_json, atomic_write_text
+from lossgeom._io import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = [
     "MetricsLog",
@@ -45,20 +43,6 @@ def jsonable(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(
@@ -95,7 +79,8 @@ def save_checkpoint(
                 plain_state.setdefault(str(idx), {})[key] = value
     for key, value in (extra_tensors or {}).items():
         tensors[f"extra/{key}"] = value.detach().clone().contiguous()
-    _atomic_save_tensors(stem.with_suffix(".safetensors"), tensors)
+    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
     rng = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = [
