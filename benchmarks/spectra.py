@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata as md
+import json
 import os
 import platform
 import time
@@ -370,8 +371,6 @@ def main():
     }
     out = Path(args.out)
     if out.is_file():  # keep the other cases' rows (each row has its own date)
-        import json
-
         done = {r["case"] for r in rows}
         kept = [
             r for r in json.loads(out.read_text())["results"] if r["case"] not in done

@@ -14,8 +14,8 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from lossgeom._io import atomic_write_text
 from lossgeom.curvature import hessian
-from lossgeom.curvature.spectra import eigenvalues
 from lossgeom.objective import NonFiniteError
 from lossgeom.train._config import MetricsConfig, TrainConfig, load_config
 from lossgeom.train._probes import Prober
@@ -286,8 +286,6 @@ def _prepare_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
             f"{run_dir} is not empty and holds no lossgeom run (no config.yaml); "
             "choose an empty or new run directory."
         )
-    from lossgeom._io import atomic_write_text
-
     atomic_write_text(stored, yaml.safe_dump(dumped, sort_keys=False))
 
 
@@ -348,20 +346,20 @@ def train(
     status = read_status(run_dir)
     dtype = getattr(torch, cfg.dtype)
     (X, y), test = _load_data(cfg)
-    if cfg.model.name == "mlp" and X.ndim > 2:
-        X = X.flatten(1)
-        test = None if test is None else (test[0].flatten(1), test[1])
-    X, y = X.to(device=device, dtype=dtype), y.to(device)
-    if y.is_floating_point():
-        y = y.to(dtype)
-    if test is not None:
-        test = (
-            test[0].to(device=device, dtype=dtype),
-            test[1].to(
-                device=device,
-                dtype=test[1].dtype if not test[1].is_floating_point() else dtype,
-            ),
+
+    def place(part: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Inputs (flat for an MLP) and float targets in the run's dtype, on its device."""
+        inputs, targets = part
+        if cfg.model.name == "mlp" and inputs.ndim > 2:
+            inputs = inputs.flatten(1)
+        target_dtype = dtype if targets.is_floating_point() else targets.dtype
+        return (
+            inputs.to(device=device, dtype=dtype),
+            targets.to(device=device, dtype=target_dtype),
         )
+
+    X, y = place((X, y))
+    test = None if test is None else place(test)
     classification = not y.is_floating_point()
 
     with torch.random.fork_rng(devices=[]):
@@ -481,15 +479,8 @@ def train(
             if cfg.metrics is not None and step % cfg.metrics.every == 0:
                 measure(step, last_loss)
             if cfg.optim.adaptive is not None and step % cfg.optim.adaptive.every == 0:
-                res = eigenvalues(
-                    hessian(prober.objective),
-                    1,
-                    tol=prober.cfg.sharpness_tol,
-                    max_matvecs=prober.cfg.sharpness_max_matvecs,
-                    v0=adapt_v0,
-                    seed=cfg.seed + step,
-                    verify=False,
-                    explicit_residuals=False,
+                res = prober.top_eigenpair(
+                    hessian(prober.objective), cfg.seed + step, adapt_v0
                 )
                 adapt_v0, adapt_lambda = res.vectors, float(res.values[0])
         except NonFiniteError as err:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lossgeom.curvature import HessianOperator, hessian
 from lossgeom.curvature.spectra import eigenvalues, trace
-from lossgeom.linalg import SymmetricOperator
+from lossgeom.linalg import EigenResult, SymmetricOperator
 from lossgeom.objective import Objective
 from lossgeom.train._config import MetricsConfig, OptimConfig
 
@@ -70,7 +70,8 @@ def _adam_scale(
     group = optimizer.param_groups[0]
     b2, eps = group["betas"][1], group["eps"]
     parts = []
-    for p in objective._params:
+    params = dict(objective.model.named_parameters())
+    for p in (params[name] for name in objective.names):
         state = optimizer.state.get(p)
         if not state or "exp_avg_sq" not in state:
             return None  # before the first step there is no preconditioner
@@ -133,23 +134,31 @@ class Prober:
             res["accuracy"] = correct / n
         return res
 
-    def sharpness(
-        self, seed: int, H: HessianOperator | None = None
-    ) -> dict[str, float | int | bool]:
-        """Top Hessian eigenvalue on the probe set, warm-started from the last one.
+    def top_eigenpair(
+        self, op: SymmetricOperator, seed: int, v0: Tensor | None = None
+    ) -> EigenResult:
+        """The top eigenpair of ``op`` for tracking during training.
 
-        Cheap by design: no verification search, and residuals from the Lanczos
-        relation instead of one more product (logged as ``sharpness_residual``).
+        Cheap by design: warm-started from ``v0``, no verification search, and
+        residuals from the Lanczos relation instead of one more product.
         """
-        res = eigenvalues(
-            H if H is not None else hessian(self.objective),
+        return eigenvalues(
+            op,
             1,
             tol=self.cfg.sharpness_tol,
             max_matvecs=self.cfg.sharpness_max_matvecs,
-            v0=self.v0,
+            v0=v0,
             seed=seed,
             verify=False,
             explicit_residuals=False,
+        )
+
+    def sharpness(
+        self, seed: int, H: HessianOperator | None = None
+    ) -> dict[str, float | int | bool]:
+        """Top Hessian eigenvalue on the probe set, warm-started from the last one."""
+        res = self.top_eigenpair(
+            H if H is not None else hessian(self.objective), seed, self.v0
         )
         self.v0 = res.vectors
         self.last_sharpness = float(res.values[0])
@@ -180,14 +189,8 @@ class Prober:
                 scale = _adam_scale(self.objective, optimizer)
                 if scale is not None:
                     # lambda_max(P^-1 H) = lambda_max(P^-1/2 H P^-1/2), symmetric
-                    pre = eigenvalues(
-                        _Preconditioned(H, scale),
-                        1,
-                        tol=self.cfg.sharpness_tol,
-                        max_matvecs=self.cfg.sharpness_max_matvecs,
-                        seed=self.seed + step,
-                        verify=False,
-                        explicit_residuals=False,
+                    pre = self.top_eigenpair(
+                        _Preconditioned(H, scale), self.seed + step
                     )
                     out["preconditioned_sharpness"] = float(pre.values[0])
                     out["eos_ratio"] = float(pre.values[0]) / threshold

@@ -187,3 +187,14 @@ def check_seed(model: str, value: object) -> int | None:
     if value is None:
         return None
     return check_int(model, "seed", value, 0)
+
+
+def keyword_options(fn: Callable) -> dict[str, object]:
+    """A factory's public keyword-only options with their defaults."""
+    import inspect
+
+    return {
+        k: p.default
+        for k, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and not k.startswith("_")
+    }

@@ -12,7 +12,6 @@ their standard files in a folder the user names.
 from __future__ import annotations
 
 import gzip
-import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lossgeom.zoo._digits import digits
+from lossgeom.zoo._init import keyword_options
 
 __all__ = ["dataset", "datasets", "read_idx"]
 
@@ -401,14 +401,6 @@ _REGISTRY: dict[str, Callable[..., Data]] = {
 }
 
 
-def _options(fn: Callable) -> dict[str, object]:
-    return {
-        k: p.default
-        for k, p in inspect.signature(fn).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and not k.startswith("_")
-    }
-
-
 def datasets() -> dict[str, dict[str, object]]:
     """Registered data sets and their options (with defaults).
 
@@ -416,7 +408,7 @@ def datasets() -> dict[str, dict[str, object]]:
         >>> sorted(datasets())[:3]
         ['cifar10', 'cifar100', 'digits']
     """
-    return {name: _options(fn) for name, fn in _REGISTRY.items()}
+    return {name: keyword_options(fn) for name, fn in _REGISTRY.items()}
 
 
 def dataset(
@@ -452,7 +444,7 @@ def dataset(
         )
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
-    valid = _options(_REGISTRY[name])
+    valid = keyword_options(_REGISTRY[name])
     bad = sorted(set(options) - set(valid))
     if bad:
         raise ValueError(

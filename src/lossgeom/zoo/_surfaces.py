@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lossgeom.zoo._init import keyword_options
+
 __all__ = ["SURFACES", "Surface", "surface"]
 
 
@@ -109,13 +111,7 @@ def surface(
     if name not in SURFACES:
         raise ValueError(f"unknown surface {name!r}; valid names: {sorted(SURFACES)}.")
     fn = SURFACES[name]
-    import inspect
-
-    valid = {
-        k: p.default
-        for k, p in inspect.signature(fn).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    valid = keyword_options(fn)
     bad = sorted(set(options) - set(valid))
     if bad:
         raise ValueError(
