@@ -155,6 +155,36 @@ def test_condition_number():
     ).value == pytest.approx(100.0, rel=1e-6)
 
 
+def test_condition_number_of_the_positive_part():
+    # Indefinite, with a cluster near 0 below the threshold: lambda_+ = 0.5.
+    eigs = torch.cat(
+        [
+            torch.linspace(-2.0, -0.1, 40, dtype=DTYPE),
+            torch.full((30,), 1e-5, dtype=DTYPE),
+            torch.linspace(0.5, 50.0, 100, dtype=DTYPE),
+        ]
+    )
+    kappa = lg.condition_number(rotated(eigs), positive_part=True, tol=1e-10)
+    assert kappa.info["converged"]
+    assert kappa.info["lambda_plus"] == pytest.approx(0.5, rel=1e-8)
+    assert kappa.value == pytest.approx(100.0, rel=1e-8)
+    assert kappa.stderr < 1e-6
+    # The threshold decides what "positive" means, and is recorded.
+    loose = lg.condition_number(
+        rotated(eigs), positive_part=True, threshold=0.095, tol=1e-10
+    )
+    assert loose.info["converged"]
+    assert loose.info["lambda_plus"] == pytest.approx(5.0, rel=1e-8)
+    assert loose.info["threshold"] == 0.095
+    # Positive definite: the positive part is the whole spectrum.
+    pd = torch.linspace(0.5, 50.0, 200, dtype=DTYPE)
+    assert lg.condition_number(
+        rotated(pd), positive_part=True, tol=1e-10
+    ).value == pytest.approx(100.0, rel=1e-8)
+    with pytest.raises(ValueError, match="threshold"):
+        lg.condition_number(rotated(pd), positive_part=True, threshold=0.0)
+
+
 def test_density_of_an_objective_and_bad_input():
     from cases import CASES
 
