@@ -1,5 +1,6 @@
 """lossgeom: the geometry of neural-network loss landscapes, measured and certified."""
 
+from lossgeom import geometry as geometry  # subpackage: lg.geometry
 from lossgeom import testing as testing  # subpackage: lg.testing
 from lossgeom import train as train  # callable subpackage: lg.train(config)
 from lossgeom import zoo as zoo  # subpackage: lg.zoo
@@ -21,6 +22,25 @@ from lossgeom.curvature import (
     negative_mass,
     outliers,
     trace,
+)
+from lossgeom.geometry import (
+    PathResult,
+    PCADirections,
+    RayCurvature,
+    SliceResult,
+    Surface,
+    hessian_directions,
+    interpolate,
+    load_result,
+    normalize_direction,
+    orthogonalize,
+    pca_directions,
+    random_direction,
+    random_directions,
+    ray_curvature,
+    save_result,
+    slice_1d,
+    slice_2d,
 )
 from lossgeom.linalg import (
     DenseOperator,
@@ -65,6 +85,24 @@ __all__ = [
     "negative_mass",
     "outliers",
     "trace",
+    # landscape geometry
+    "PCADirections",
+    "PathResult",
+    "RayCurvature",
+    "SliceResult",
+    "Surface",
+    "hessian_directions",
+    "interpolate",
+    "load_result",
+    "normalize_direction",
+    "orthogonalize",
+    "pca_directions",
+    "random_direction",
+    "random_directions",
+    "ray_curvature",
+    "save_result",
+    "slice_1d",
+    "slice_2d",
     # training (lossgeom.train holds the rest; lg.train is the function)
     "TrainConfig",
     "TrainResult",

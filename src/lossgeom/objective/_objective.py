@@ -177,6 +177,8 @@ class Objective:
         )
         self.hvp_fallback_reason: str | None = None
         self.counters = Counters()
+        self._buffer_override: dict[str, Tensor] | None = None
+        self._knows_accuracy: bool | None = None
         self._device = target_device
         self._dtype = target_dtype
 
@@ -323,8 +325,9 @@ class Objective:
         statistics are passed as ``None`` so that nothing is updated in place (which
         would also break ``vmap`` over parameters or tangents).
         """
+        override = self._buffer_override or {}
         buffers: dict[str, Tensor | None] = {
-            n: b.clone() for n, b in self.model.named_buffers()
+            n: override.get(n, b).clone() for n, b in self.model.named_buffers()
         }
         if self.mode == "train":
             for name in self._running_stat_names:
@@ -587,6 +590,143 @@ class Objective:
             )
         self.counters.loss += points.shape[0]
         return out
+
+    def evaluate_metrics(
+        self, points: Tensor, *, chunk_size: int | None = 16
+    ) -> dict[str, Tensor]:
+        """Loss, and accuracy when :attr:`knows_accuracy`, at many points in one pass.
+
+        Like :meth:`evaluate` (one forward pass per point and batch, ``vmap`` over
+        points), but the outputs also give the fraction of samples whose argmax
+        equals the integer class target.
+
+        Returns:
+            ``{"loss": (m,)}``, plus ``"accuracy": (m,)`` for classification.
+        """
+        if not self.knows_accuracy:
+            return {"loss": self.evaluate(points, chunk_size=chunk_size)}
+        self.evaluate(points[:0])  # validates points with evaluate's messages
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}.")
+
+        def both(theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            out = self.model_fn(theta, x)
+            loss = self.loss_fn(out, y)
+            acc = (out.argmax(-1) == y).to(loss.dtype).mean()
+            return torch.stack([loss, acc])
+
+        batched = vmap(both, in_dims=(0, None, None), chunk_size=chunk_size)
+        if points.shape[0] == 0:
+            empty = points.new_empty(0)
+            return {"loss": empty, "accuracy": empty}
+        with torch.no_grad():
+            out = self.accumulate(
+                lambda x, y: batched(points, x, y),
+                what="loss",
+                higher_order=False,
+                check_finite=False,
+            )
+        self.counters.loss += points.shape[0]
+        return {"loss": out[:, 0], "accuracy": out[:, 1]}
+
+    @property
+    def knows_accuracy(self) -> bool:
+        """Whether accuracy is defined: outputs ``(n, C>1)`` and integer targets ``(n,)``."""
+        if self._knows_accuracy is None:
+            x, y = next(iter(self.batches()))
+            x, y = x[:2], y[:2]
+            with torch.no_grad(), self.probe_mode(higher_order=False):
+                out = self.model_fn(self.theta, x)
+            self._knows_accuracy = bool(
+                out.ndim == 2
+                and out.shape[1] > 1
+                and y.ndim == 1
+                and not y.is_floating_point()
+                and not y.is_complex()
+            )
+        return self._knows_accuracy
+
+    @property
+    def has_norm_statistics(self) -> bool:
+        """Whether the model has normalisation layers with running statistics."""
+        return bool(self._running_stat_names)
+
+    def norm_statistics(self, theta: Tensor | None = None) -> dict[str, Tensor]:
+        """Running statistics of every BatchNorm layer recomputed at ``theta``.
+
+        One pass over this objective's data in train mode, starting from zero mean
+        and unit variance, with the cumulative average over batches (each batch
+        weighs the same; one full batch gives the exact data statistics, with the
+        unbiased variance BatchNorm keeps). This is what a point between two
+        networks needs before it is evaluated in eval mode: the end points'
+        statistics do not describe the interpolated network. Neither the model nor
+        this objective is changed; use the result with :meth:`using_buffers`.
+
+        Returns:
+            ``{buffer name: tensor}`` for every running statistic (empty when
+            there is none).
+        """
+        theta = self.check_theta(theta)
+        if not self._running_stat_names:
+            return {}
+        stats: dict[str, Tensor] = {}
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, _NormBase) and module.track_running_stats:
+                name = f"{prefix}." if prefix else ""
+                if module.running_mean is not None:
+                    stats[name + "running_mean"] = torch.zeros_like(module.running_mean)
+                    stats[name + "running_var"] = torch.ones_like(module.running_var)
+                if module.num_batches_tracked is not None:
+                    stats[name + "num_batches_tracked"] = torch.zeros_like(
+                        module.num_batches_tracked
+                    )
+        norms = [m for m in self.model.modules() if isinstance(m, _NormBase)]
+        momenta = [m.momentum for m in norms]
+        flags = [(m, m.training) for m in self.model.modules()]
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        buffers.update(stats)  # updated in place by the train-mode forward passes
+        params = self.unflatten(theta)
+        params.update((n, p.detach()) for n, p in self._frozen)
+        try:
+            for m in norms:
+                m.momentum = None  # cumulative average over batches
+            self.model.train(True)
+            with torch.no_grad():
+                for x, _ in self.batches():
+                    functional_call(self.model, (params, buffers), (x,))
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+            for module, flag in flags:
+                module.training = flag
+        self.counters.passes += 1
+        if self.data_parallel:
+            world = float(self.world_size)
+            for n, t in stats.items():
+                if t.is_floating_point():
+                    stats[n] = self.all_reduce(t.clone()) / world
+        return stats
+
+    @contextmanager
+    def using_buffers(self, buffers: dict[str, Tensor]) -> Iterator[Objective]:
+        """Evaluate with these buffers (e.g. :meth:`norm_statistics`) inside the block.
+
+        Only this objective changes, and only inside the block; the model's own
+        buffers are untouched.
+        """
+        known = {n for n, _ in self.model.named_buffers()}
+        unknown = sorted(set(buffers) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown buffer names {unknown[:3]}; the model's buffers are "
+                f"{sorted(known)[:5]}{' ...' if len(known) > 5 else ''}."
+            )
+        previous = self._buffer_override
+        self._buffer_override = {**(previous or {}), **buffers}
+        try:
+            yield self
+        finally:
+            self._buffer_override = previous
 
     # ----------------------------------------------------------------- helpers
     def check_theta(self, theta: Tensor | None) -> Tensor:

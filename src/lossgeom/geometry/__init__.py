@@ -1,0 +1,46 @@
+"""Layer 2: loss-landscape geometry: directions, slices, paths, curves, alignment."""
+
+from lossgeom.geometry._directions import (
+    PCADirections,
+    hessian_directions,
+    normalize_direction,
+    orthogonalize,
+    pca_directions,
+    random_direction,
+    random_directions,
+)
+from lossgeom.geometry._paths import BARRIER_DEFINITION, PathResult, interpolate
+from lossgeom.geometry._slices import (
+    RayCurvature,
+    SliceResult,
+    Surface,
+    ray_curvature,
+    slice_1d,
+    slice_2d,
+)
+from lossgeom.geometry._store import load_result, save_result
+
+__all__ = [
+    # directions
+    "PCADirections",
+    "hessian_directions",
+    "normalize_direction",
+    "orthogonalize",
+    "pca_directions",
+    "random_direction",
+    "random_directions",
+    # slices
+    "RayCurvature",
+    "SliceResult",
+    "Surface",
+    "ray_curvature",
+    "slice_1d",
+    "slice_2d",
+    # paths
+    "BARRIER_DEFINITION",
+    "PathResult",
+    "interpolate",
+    # results
+    "load_result",
+    "save_result",
+]

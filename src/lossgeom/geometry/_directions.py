@@ -1,0 +1,335 @@
+"""Directions in parameter space: random, PCA of a trajectory, Hessian eigenvectors.
+
+Random directions are filter-, layer- or un-normalized.
+
+A direction is a flat vector like ``obj.theta``. Filter normalization (Li et al.
+2018, "Visualizing the Loss Landscape of Neural Nets") draws ``d ~ N(0, I)`` and
+rescales every output filter / neuron of every weight tensor (the slices along its
+first dimension) to the norm of the matching filter of the weights, so that a step
+``alpha`` moves each filter by the same fraction of its size and scale-invariant
+networks look the same at every scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lossgeom.geometry._evaluation import check_direction
+from lossgeom.geometry._store import save_result, saveable
+from lossgeom.objective import Objective
+
+__all__ = [
+    "PCADirections",
+    "hessian_directions",
+    "normalize_direction",
+    "orthogonalize",
+    "pca_directions",
+    "random_direction",
+    "random_directions",
+]
+
+Normalization = Literal["filter", "layer", "none"]
+OneDim = Literal["zero", "filter", "layer"]
+_NORMALIZATIONS = ("filter", "layer", "none")
+_ONE_DIM = ("zero", "filter", "layer")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}.")
+
+
+def _blocks(obj: Objective, v: Tensor, normalization: str, one_dim: str):
+    """Yield ``(view of v, view of theta-shaped reference index, rule)`` per block.
+
+    A block is a slice of ``v`` normalized as one unit: a filter (row along the
+    first dimension of a weight tensor) for ``"filter"``, a whole tensor for
+    ``"layer"``. 1-D tensors (biases, norm-layer scales) follow ``one_dim``.
+    """
+    for name, piece in obj.unflatten(v).items():
+        rule = normalization
+        if piece.ndim <= 1:
+            rule = one_dim
+        yield name, piece, rule
+
+
+def _filter_view(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1) if t.ndim >= 1 else t.reshape(1, 1)
+
+
+def normalize_direction(
+    obj: Objective,
+    direction: Tensor,
+    normalization: Normalization = "filter",
+    *,
+    one_dim: OneDim = "zero",
+    theta: Tensor | None = None,
+) -> Tensor:
+    """Rescale a direction filter by filter (or layer by layer) to the weights' norms.
+
+    Args:
+        obj: the objective whose parameter layout (names and shapes) is used.
+        direction: a flat vector ``(d,)``.
+        normalization: ``"filter"`` (each output filter / neuron of each weight
+            tensor to the norm of the weights' filter; Li et al. 2018),
+            ``"layer"`` (each tensor to the weights' tensor norm) or ``"none"``.
+        one_dim: what happens to 1-D parameters (biases, BatchNorm/LayerNorm
+            scales and shifts): ``"zero"`` (default, as Li et al. do: they stay
+            fixed), ``"filter"`` (each entry its own filter: ``|d_i| = |w_i|``)
+            or ``"layer"`` (the vector rescaled to the weights' norm). Ignored for
+            ``normalization="none"``.
+        theta: the weights to take norms from (default ``obj.theta``).
+
+    Returns:
+        A new flat vector; ``direction`` is not changed.
+    """
+    _check_choice("normalization", normalization, _NORMALIZATIONS)
+    _check_choice("one_dim", one_dim, _ONE_DIM)
+    d = check_direction(obj, direction, "direction").clone()
+    if normalization == "none":
+        return d
+    w = obj.theta if theta is None else check_direction(obj, theta, "theta")
+    weights = obj.unflatten(w)
+    eps = torch.finfo(d.dtype).tiny
+    for name, piece, rule in _blocks(obj, d, normalization, one_dim):
+        ref = weights[name]
+        if rule == "zero":
+            piece.zero_()
+        elif rule == "layer":
+            piece.mul_(ref.norm() / piece.norm().clamp_min(eps))
+        else:  # filter
+            pv, rv = _filter_view(piece), _filter_view(ref)
+            scale = rv.norm(dim=1, keepdim=True) / pv.norm(
+                dim=1, keepdim=True
+            ).clamp_min(eps)
+            pv.mul_(scale)
+    return d
+
+
+def random_direction(
+    obj: Objective,
+    normalization: Normalization = "filter",
+    *,
+    seed: int = 0,
+    one_dim: OneDim = "zero",
+    theta: Tensor | None = None,
+) -> Tensor:
+    """A Gaussian direction ``N(0, I)``, then normalized (see :func:`normalize_direction`).
+
+    Seeded (a private generator on the CPU, so the same seed gives the same
+    direction on every device); device and dtype come from the objective.
+
+    Example:
+        >>> import torch, lossgeom as lg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> obj = lg.Objective(model, torch.nn.CrossEntropyLoss(), (X, y))
+        >>> d = lg.random_direction(obj, "filter", seed=1)
+        >>> w = model[0].weight
+        >>> torch.allclose(obj.unflatten(d)["0.weight"].norm(dim=1), w.norm(dim=1))
+        True
+        >>> bool((obj.unflatten(d)["0.bias"] == 0).all())  # 1-D: zero by default
+        True
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    raw = torch.randn(obj.dim, generator=gen, dtype=torch.float64)
+    raw = raw.to(device=obj.device, dtype=obj.dtype)
+    return normalize_direction(obj, raw, normalization, one_dim=one_dim, theta=theta)
+
+
+def random_directions(
+    obj: Objective,
+    n: int,
+    normalization: Normalization = "filter",
+    *,
+    seed: int = 0,
+    one_dim: OneDim = "zero",
+    theta: Tensor | None = None,
+) -> Tensor:
+    """``n`` independent directions, ``(n, d)``; direction ``i`` uses seed ``seed + i``."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1; got {n!r}.")
+    return torch.stack(
+        [
+            random_direction(
+                obj, normalization, seed=seed + i, one_dim=one_dim, theta=theta
+            )
+            for i in range(n)
+        ]
+    )
+
+
+def orthogonalize(
+    obj: Objective,
+    d1: Tensor,
+    d2: Tensor,
+    normalization: Normalization = "filter",
+) -> Tensor:
+    """``d2`` made orthogonal to ``d1`` while keeping its normalization.
+
+    Gram-Schmidt is done block by block (each filter for ``"filter"``, each tensor
+    for ``"layer"``, the whole vector for ``"none"``) and each block is rescaled to
+    its norm before: since blocks are disjoint, the result is orthogonal to ``d1``
+    as a whole and every filter keeps the norm normalization gave it. A block of
+    ``d2`` parallel to ``d1``'s is left as it was (nothing to orthogonalize).
+
+    Returns:
+        The new ``d2``.
+    """
+    _check_choice("normalization", normalization, _NORMALIZATIONS)
+    a = check_direction(obj, d1, "d1")
+    b = check_direction(obj, d2, "d2").clone()
+    if normalization == "none":
+        n0 = b.norm()
+        b -= (b @ a) / (a @ a).clamp_min(torch.finfo(a.dtype).tiny) * a
+        return b * (n0 / b.norm().clamp_min(torch.finfo(a.dtype).tiny))
+    pa = obj.unflatten(a)
+    eps = torch.finfo(a.dtype).eps
+    for name, piece in obj.unflatten(b).items():
+        ref = pa[name]
+        if normalization == "layer" or piece.ndim <= 1:
+            pv, rv = piece.reshape(1, -1), ref.reshape(1, -1)
+        else:
+            pv, rv = _filter_view(piece), _filter_view(ref)
+        norm0 = pv.norm(dim=1, keepdim=True)
+        rr = (rv * rv).sum(1, keepdim=True)
+        proj = (pv * rv).sum(1, keepdim=True) / rr.clamp_min(torch.finfo(a.dtype).tiny)
+        new = pv - proj * rv
+        new_norm = new.norm(dim=1, keepdim=True)
+        ok = new_norm > eps * norm0.clamp_min(eps)
+        pv.copy_(torch.where(ok, new * (norm0 / new_norm.clamp_min(eps)), pv))
+    return b
+
+
+@saveable
+@dataclass(frozen=True)
+class PCADirections:
+    """Principal directions of a trajectory of parameter vectors.
+
+    Attributes:
+        directions: ``(k, d)`` orthonormal principal directions.
+        explained_variance_ratio: fraction of the trajectory's variance (about
+            ``center``) each direction explains, ``(k,)``.
+        coords: each checkpoint's coordinates in the plane, ``(T, k)``.
+        residuals: each checkpoint's distance from the plane (off-plane part),
+            ``(T,)``: a path drawn in the plane hides this much.
+        center: the point the plane passes through, ``(d,)``.
+        centering: ``"final"`` (the last checkpoint, as Li et al. 2018) or ``"mean"``.
+    """
+
+    directions: Tensor
+    explained_variance_ratio: Tensor
+    coords: Tensor
+    residuals: Tensor
+    center: Tensor
+    centering: str
+    info: dict = field(default_factory=dict)
+
+    def save(self, path) -> object:
+        """Write to the folder ``path``."""
+        return save_result(self, path)
+
+
+def _trajectory(obj: Objective, thetas: object) -> Tensor:
+    if isinstance(thetas, Tensor):
+        traj = thetas
+    elif isinstance(thetas, Sequence) and thetas:
+        rows = []
+        for t in thetas:
+            if isinstance(t, dict):
+                missing = [n for n in obj.names if n not in t]
+                if missing:
+                    raise ValueError(
+                        f"a checkpoint lacks parameters {missing[:3]}; expected "
+                        f"state dicts with the objective's names {obj.names[:3]}..."
+                    )
+                t = obj.flatten({n: t[n] for n in obj.names})
+            rows.append(t)
+        traj = torch.stack([r.reshape(-1) for r in rows])
+    else:
+        raise ValueError(
+            "expected thetas as a (T, d) tensor, or a non-empty list of flat vectors "
+            f"or state dicts; got {type(thetas).__name__}."
+        )
+    if traj.ndim != 2 or traj.shape[1] != obj.dim or traj.shape[0] < 2:
+        raise ValueError(
+            f"expected at least 2 checkpoints of {obj.dim} parameters, shape (T, "
+            f"{obj.dim}); got {tuple(traj.shape)}."
+        )
+    return traj.detach().to(device=obj.device, dtype=obj.dtype)
+
+
+def pca_directions(
+    obj: Objective,
+    thetas: object,
+    k: int = 2,
+    *,
+    center: Literal["final", "mean"] = "final",
+) -> PCADirections:
+    """Principal directions of a training trajectory (checkpoints) and their fit.
+
+    Following Li et al. 2018, the checkpoints minus the final point are
+    decomposed by SVD; ``center="mean"`` uses the usual mean-centred PCA. The
+    result says how much variance the plane explains and how far each checkpoint
+    lies off it, so a trajectory drawn in the plane never pretends to lie in it.
+
+    Args:
+        obj: the objective (parameter layout, device, dtype).
+        thetas: ``(T, d)`` tensor, or a list of flat vectors or state dicts.
+        k: number of directions.
+        center: ``"final"`` or ``"mean"``.
+    """
+    _check_choice("center", center, ("final", "mean"))
+    traj = _trajectory(obj, thetas)
+    if not isinstance(k, int) or not 1 <= k <= traj.shape[0] - (center == "mean"):
+        raise ValueError(
+            f"k must be an int between 1 and the number of independent checkpoint "
+            f"differences ({traj.shape[0] - 1}); got {k!r}."
+        )
+    origin = traj[-1] if center == "final" else traj.mean(0)
+    M = traj - origin
+    _, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    total = (S * S).sum().clamp_min(torch.finfo(S.dtype).tiny)
+    dirs = Vh[:k]
+    coords = M @ dirs.T
+    residuals = (M - coords @ dirs).norm(dim=1)
+    return PCADirections(
+        directions=dirs.cpu(),
+        explained_variance_ratio=((S[:k] ** 2) / total).cpu(),
+        coords=coords.cpu(),
+        residuals=residuals.cpu(),
+        center=origin.cpu(),
+        centering=center,
+        info={"n_checkpoints": int(traj.shape[0])},
+    )
+
+
+def hessian_directions(
+    obj: Objective,
+    k: int = 2,
+    *,
+    which: str = "largest",
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> Tensor:
+    """The top (or bottom) Hessian eigenvectors at ``obj.theta`` as directions, ``(k, d)``.
+
+    Unit vectors (not filter-normalized: an eigenvector's scale is its own).
+    Uses :func:`lossgeom.eigenvalues` (Lanczos with residual certificates); raises
+    if they did not converge.
+    """
+    from lossgeom.curvature import eigenvalues
+
+    res = eigenvalues(obj, k, which=which, tol=tol, seed=seed)
+    if not res.all_converged:
+        raise RuntimeError(
+            f"the Hessian eigenvectors did not converge to tol={tol} "
+            f"(residuals {res.residuals.tolist()}); raise max_matvecs or loosen tol."
+        )
+    return res.vectors.T.contiguous()
