@@ -1,5 +1,12 @@
 """Layer 2: loss-landscape geometry: directions, slices, paths, curves, alignment."""
 
+from lossgeom.geometry._alignment import (
+    AlignmentResult,
+    PermutationGroup,
+    align,
+    permutation_groups,
+    permute_model,
+)
 from lossgeom.geometry._directions import (
     PCADirections,
     hessian_directions,
@@ -40,6 +47,12 @@ __all__ = [
     "BARRIER_DEFINITION",
     "PathResult",
     "interpolate",
+    # permutation alignment
+    "AlignmentResult",
+    "PermutationGroup",
+    "align",
+    "permutation_groups",
+    "permute_model",
     # results
     "load_result",
     "save_result",

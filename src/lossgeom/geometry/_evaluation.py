@@ -11,6 +11,8 @@ objective's data, which needs one extra pass per point.
 from __future__ import annotations
 
 import math
+import time
+import weakref
 
 import torch
 from torch import Tensor
@@ -54,15 +56,28 @@ def check_direction(obj: Objective, v: object, name: str) -> Tensor:
     return v.detach().to(device=obj.device, dtype=obj.dtype)
 
 
+# Objectives whose fastest way over many points has been measured: chunk size.
+_CHOSEN: weakref.WeakKeyDictionary[Objective, int] = weakref.WeakKeyDictionary()
+_PROBE = 8  # points evaluated each way when choosing
+_VMAP_CHUNK = 64
+
+
 def evaluate_points(
     obj: Objective,
     points: Tensor,
     *,
     recompute_norm: bool = False,
     eval_obj: Objective | None = None,
-    chunk_size: int | None = 16,
+    chunk_size: int | None | str = "auto",
 ) -> dict[str, Tensor]:
     """Loss (and accuracy) at each row of ``points``, and on ``eval_obj`` if given.
+
+    ``chunk_size="auto"`` measures, on the first points (useful work, nothing is
+    evaluated twice), whether this objective is faster one point after another
+    or with points vectorised (``vmap``, 64 at a time), remembers the answer for
+    the objective, and uses it. Vectorising wins for small dense models where
+    per-call overhead dominates; on the CPU convolutions are faster one point at
+    a time (a batch of convolution weights becomes a grouped convolution).
 
     Returns:
         ``{"loss", "accuracy"?, "eval_loss"?, "eval_accuracy"?}``, each ``(m,)``.
@@ -73,16 +88,33 @@ def evaluate_points(
         )
     targets = [("", obj)] + ([("eval_", eval_obj)] if eval_obj is not None else [])
     out: dict[str, list[Tensor]] = {}
-    if not recompute_norm or not obj.has_norm_statistics:
+
+    def run(pts: Tensor, chunk: int | None) -> None:
         for prefix, o in targets:
-            for k, v in o.evaluate_metrics(points, chunk_size=chunk_size).items():
+            for k, v in o.evaluate_metrics(pts, chunk_size=chunk).items():
                 out.setdefault(prefix + k, []).append(v)
+
+    if not recompute_norm or not obj.has_norm_statistics:
+        if chunk_size == "auto":
+            chunk = _CHOSEN.get(obj)
+            if chunk is None and points.shape[0] >= 3 * _PROBE:
+                t0 = time.perf_counter()
+                run(points[:_PROBE], 1)
+                t1 = time.perf_counter()
+                run(points[_PROBE : 2 * _PROBE], _PROBE)
+                t2 = time.perf_counter()
+                chunk = 1 if t1 - t0 <= t2 - t1 else _VMAP_CHUNK
+                _CHOSEN[obj] = chunk
+                points = points[2 * _PROBE :]
+            run(points, chunk if chunk is not None else _VMAP_CHUNK)
+        else:
+            run(points, chunk_size)
     else:
         for p in points:
             stats = obj.norm_statistics(p)
             for prefix, o in targets:
                 with o.using_buffers(stats):
-                    metrics = o.evaluate_metrics(p[None], chunk_size=chunk_size)
+                    metrics = o.evaluate_metrics(p[None], chunk_size=1)
                 for k, v in metrics.items():
                     out.setdefault(prefix + k, []).append(v)
     return {k: torch.cat(v) for k, v in out.items()}

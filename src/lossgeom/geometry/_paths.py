@@ -85,7 +85,7 @@ def path_result(
     kind: str,
     recompute_norm: bool | None,
     eval_data: object | None,
-    chunk_size: int | None,
+    chunk_size: int | None | str,
     started: float,
     info: dict | None = None,
 ) -> PathResult:
@@ -127,7 +127,7 @@ def interpolate(
     steps: int = 25,
     recompute_norm: bool | None = None,
     eval_data: object | None = None,
-    chunk_size: int | None = 16,
+    chunk_size: int | None | str = "auto",
 ) -> PathResult:
     """Loss along the straight line ``(1 - t) theta_a + t theta_b``, and its barrier.
 
@@ -140,7 +140,8 @@ def interpolate(
             the objective's data (``None``: when the model has BatchNorm). The end
             networks' statistics do not describe the points between them.
         eval_data: a second evaluation set (data, or an :class:`Objective`).
-        chunk_size: points per vectorised evaluation.
+        chunk_size: points per vectorised evaluation, 1, or "auto" (see
+            :func:`lossgeom.slice_1d`).
 
     Returns:
         A :class:`PathResult`; ``barrier`` is defined in ``definition``.

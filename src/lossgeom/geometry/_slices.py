@@ -104,7 +104,7 @@ def _evaluate_grid(
     *,
     recompute_norm: bool,
     eval_obj: Objective | None,
-    chunk_size: int | None,
+    chunk_size: int | None | str,
 ) -> dict[str, Tensor]:
     """Metrics at ``center + coefs @ dirs`` for every row of ``coefs`` ``(m, k)``."""
     per_group = max(1, _MAX_POINT_NUMBERS // obj.dim)
@@ -282,7 +282,7 @@ def slice_1d(
     quadratic: bool = False,
     eval_data: object | None = None,
     recompute_norm: bool = False,
-    chunk_size: int | None = 64,
+    chunk_size: int | None | str = "auto",
 ) -> SliceResult:
     """Loss along ``theta + alpha d`` for one or many directions.
 
@@ -303,7 +303,8 @@ def slice_1d(
         recompute_norm: recompute BatchNorm statistics at every point (one more
             data pass per point; default off, as the slice keeps norm layers at
             the centre's statistics).
-        chunk_size: points per vectorised evaluation (bounds memory).
+        chunk_size: points per vectorised evaluation (bounds memory); 1 for one
+            at a time without vmap; "auto" (default) measures which is faster.
 
     Returns:
         :class:`SliceResult`.
@@ -380,7 +381,7 @@ def slice_2d(
     trajectory: object | None = None,
     eval_data: object | None = None,
     recompute_norm: bool = False,
-    chunk_size: int | None = 64,
+    chunk_size: int | None | str = "auto",
 ) -> Surface:
     """Loss on the plane ``theta + alpha d1 + beta d2``.
 
@@ -398,7 +399,8 @@ def slice_2d(
         theta: the centre (default ``obj.theta``).
         eval_data: a second evaluation set.
         recompute_norm: recompute BatchNorm statistics at every point.
-        chunk_size: points per vectorised evaluation.
+        chunk_size: points per vectorised evaluation, 1, or "auto" (see
+            :func:`slice_1d`).
         trajectory: a :class:`PCADirections` (its ``coords`` and ``residuals``
             are stored for drawing the path on top) or ``(T, 2)`` coordinates.
 
@@ -520,7 +522,7 @@ def ray_curvature(
     one_dim: OneDim = "zero",
     theta: Tensor | None = None,
     exact: bool = True,
-    chunk_size: int | None = 64,
+    chunk_size: int | None | str = "auto",
 ) -> RayCurvature:
     """Monte Carlo curvature along random rays, cross-checked against ``d.Hd``.
 
@@ -536,7 +538,8 @@ def ray_curvature(
         step: finite-difference step ``h`` in units of the direction.
         theta: where (default ``obj.theta``).
         exact: also compute ``d.Hd`` exactly.
-        chunk_size: points per vectorised evaluation.
+        chunk_size: points per vectorised evaluation, 1, or "auto" (see
+            :func:`slice_1d`).
     """
     if not isinstance(n_rays, int) or n_rays < 1:
         raise ValueError(f"n_rays must be an int >= 1; got {n_rays!r}.")

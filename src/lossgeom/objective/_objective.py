@@ -554,7 +554,10 @@ class Objective:
         """The mean loss at many parameter points in one pass over the data.
 
         Points are evaluated ``chunk_size`` at a time with ``vmap`` (bounding
-        memory to about ``chunk_size`` forward passes of one batch). Unlike
+        memory to about ``chunk_size`` forward passes of one batch);
+        ``chunk_size=1`` evaluates them one after another without ``vmap``, which
+        is faster for convolutions on the CPU (a batch of convolution weights
+        becomes a grouped convolution there). Unlike
         :meth:`loss`, non-finite values are returned, not raised: far from a
         minimum the loss may legitimately overflow.
 
@@ -580,7 +583,7 @@ class Objective:
             raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}.")
         if points.shape[0] == 0:
             return points.new_empty(0)
-        batched = vmap(self.batch_loss, in_dims=(0, None, None), chunk_size=chunk_size)
+        batched = _over_points(self.batch_loss, chunk_size)
         with torch.no_grad():
             out = self.accumulate(
                 lambda x, y: batched(points, x, y),
@@ -615,7 +618,7 @@ class Objective:
             acc = (out.argmax(-1) == y).to(loss.dtype).mean()
             return torch.stack([loss, acc])
 
-        batched = vmap(both, in_dims=(0, None, None), chunk_size=chunk_size)
+        batched = _over_points(both, chunk_size)
         if points.shape[0] == 0:
             empty = points.new_empty(0)
             return {"loss": empty, "accuracy": empty}
@@ -851,6 +854,15 @@ class Objective:
             f"data={self.data_description!r}, mode={self.mode!r}, "
             f"dtype={self._dtype}, device='{self._device}')"
         )
+
+
+def _over_points(
+    fn: Callable[[Tensor, Tensor, Tensor], Tensor], chunk_size: int | None
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``fn(theta, x, y)`` mapped over the rows of ``theta``: vmap, or a loop for 1."""
+    if chunk_size == 1:
+        return lambda P, x, y: torch.stack([fn(p, x, y) for p in P])
+    return vmap(fn, in_dims=(0, None, None), chunk_size=chunk_size)
 
 
 def _shape_or_type(x: object) -> object:

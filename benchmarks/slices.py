@@ -1,0 +1,209 @@
+"""A 21 x 21 filter-normalized loss plane: lossgeom vs `loss-landscapes` vs a plain loop.
+
+Cases (float32, CPU):
+  (a) tiny MLP 64-32-10 (tanh) on the first 512 sklearn digits;
+  (b) small CNN with BatchNorm (eval mode, running statistics from one pass) on the
+      first 1,024 digits.
+
+Measured in the same run, seconds per grid point:
+  - bare forward: one forward pass of the model over the same data (no_grad), the
+    floor for exact evaluation of one point;
+  - lossgeom: ``lg.slice_2d`` (points batched with vmap, one data pass per chunk);
+  - plain loop: load each grid point into one copy of the model and evaluate, the
+    directions being lossgeom's (so the loss values must agree);
+  - loss-landscapes (PyPI ``loss-landscapes``): ``random_plane(..., steps=21,
+    normalization="filter", deepcopy_model=True)``; its own random directions, so
+    only its time compares. Its filter normalization divides by a direction
+    filter's norm, which is 0 for nothing here but its treatment of BatchNorm
+    buffers and 1-D parameters is recorded as what it returns (NaN or not).
+
+Targets (issue 5): on (b) lossgeom <= 1.2x one bare forward pass and below both
+comparators; on (a) at least 3x fewer seconds per point than both. Results with the
+machine facts go to ``benchmarks/results/slices_cpu.json``.
+
+Run: ``pip install --no-deps loss-landscapes`` into the venv, then
+``.venv/bin/python benchmarks/slices.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lossgeom as lg  # noqa: E402
+from lossgeom._io import atomic_write_json  # noqa: E402
+from lossgeom.zoo import digits  # noqa: E402
+
+from _models import DigitsCNN  # noqa: E402
+
+STEPS = 21
+REPEATS = 3
+OUT = Path(__file__).parent / "results" / "slices_cpu.json"
+
+
+def make_case(name: str):
+    torch.manual_seed(0)
+    X, y = digits("train")
+    if name == "a":
+        X, y = X[:512], y[:512]
+        model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+        return "a_tiny_mlp_digits512", model.eval(), X, y
+    X, y = X[:1024].view(-1, 1, 8, 8), y[:1024]
+    model = DigitsCNN()
+    with torch.no_grad():
+        model.train()
+        model(X)  # running statistics as after training: not the defaults
+    return "b_cnn_bn_digits1024", model.eval(), X, y
+
+
+def best_of(fn, repeats=REPEATS):
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def bare_forward(model, X, y, loss_fn):
+    def run():
+        with torch.no_grad():
+            return float(loss_fn(model(X), y))
+
+    run()
+    t, _ = best_of(run, repeats=10)
+    return t
+
+
+def plain_loop(model, X, y, loss_fn, theta, u, v, grid):
+    def run():
+        m = copy.deepcopy(model)
+        out = torch.empty(len(grid), len(grid))
+        with torch.no_grad():
+            for i, a in enumerate(grid):
+                for j, b in enumerate(grid):
+                    torch.nn.utils.vector_to_parameters(theta + a * u + b * v, m.parameters())
+                    out[i, j] = loss_fn(m(X), y)
+        return out
+
+    return best_of(run)
+
+
+def loss_landscapes_plane(model, X, y, loss_fn):
+    try:
+        import loss_landscapes
+        import loss_landscapes.metrics
+    except ImportError:
+        return None, "not installed (pip install --no-deps loss-landscapes)"
+    metric = loss_landscapes.metrics.Loss(loss_fn, X, y)
+
+    def run():
+        torch.manual_seed(0)
+        return loss_landscapes.random_plane(
+            model, metric, distance=1, steps=STEPS, normalization="filter",
+            deepcopy_model=True,
+        )
+
+    try:
+        t, out = best_of(run)
+    except Exception as err:  # noqa: BLE001 - recorded, not hidden
+        return None, f"raised {type(err).__name__}: {err}"
+    out = torch.as_tensor(out)
+    n_nan = int((~torch.isfinite(out)).sum())
+    return t, f"{n_nan} of {out.numel()} values non-finite"
+
+
+def run_case(name: str) -> dict:
+    label, model, X, y = make_case(name)
+    loss_fn = nn.CrossEntropyLoss()
+    obj = lg.Objective(model, loss_fn, (X, y))
+    grid = torch.linspace(-1.0, 1.0, STEPS)
+    n_points = STEPS * STEPS
+    t_fwd = bare_forward(model, X, y, loss_fn)
+    t_lg, surf = best_of(lambda: lg.slice_2d(obj, "filter", alphas=grid, betas=grid))
+    from lossgeom.geometry._evaluation import _CHOSEN
+
+    chunk = _CHOSEN.get(obj)
+    u = lg.random_direction(obj, seed=0)
+    v = lg.orthogonalize(obj, u, lg.random_direction(obj, seed=1))
+    t_loop, ref = plain_loop(model, X, y, loss_fn, obj.theta, u, v, grid)
+    t_ll, ll_note = loss_landscapes_plane(model, X, y, loss_fn)
+    per = {
+        "bare_forward": t_fwd,
+        "lossgeom": t_lg / n_points,
+        "plain_loop": t_loop / n_points,
+        "loss_landscapes": None if t_ll is None else t_ll / n_points,
+    }
+    row = {
+        "case": label,
+        "n_params": obj.dim,
+        "n_samples": int(X.shape[0]),
+        "grid": [STEPS, STEPS],
+        "chunk_size": chunk,
+        "seconds_per_point": per,
+        "lossgeom_over_bare_forward": per["lossgeom"] / t_fwd,
+        "plain_loop_over_lossgeom": per["plain_loop"] / per["lossgeom"],
+        "loss_landscapes_over_lossgeom": (
+            None if t_ll is None else per["loss_landscapes"] / per["lossgeom"]
+        ),
+        "max_abs_diff_vs_plain_loop": float((surf.loss - ref).abs().max()),
+        "loss_range": [float(surf.loss.min()), float(surf.loss.max())],
+        "loss_landscapes_note": ll_note,
+    }
+    print(row, flush=True)
+    return row
+
+
+def machine_facts() -> dict:
+    facts = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        import loss_landscapes  # noqa: F401
+        from importlib.metadata import version
+
+        facts["loss_landscapes"] = version("loss-landscapes")
+    except Exception:  # noqa: BLE001
+        facts["loss_landscapes"] = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    facts["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return facts
+
+
+def main() -> None:
+    rows = [run_case(c) for c in ("a", "b")]
+    targets = {
+        "b_lossgeom_over_bare_forward_le_1.2": rows[1]["lossgeom_over_bare_forward"] <= 1.2,
+        "b_below_both": rows[1]["plain_loop_over_lossgeom"] > 1
+        and (rows[1]["loss_landscapes_over_lossgeom"] or math.inf) > 1,
+        "a_3x_fewer_than_both": rows[0]["plain_loop_over_lossgeom"] >= 3
+        and (rows[0]["loss_landscapes_over_lossgeom"] or math.inf) >= 3,
+    }
+    atomic_write_json(OUT, {"machine": machine_facts(), "cases": rows, "targets": targets})
+    print(targets)
+
+
+if __name__ == "__main__":
+    main()
