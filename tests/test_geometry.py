@@ -428,3 +428,41 @@ def test_bad_input_is_a_clear_error():
             obj.theta,
             eval_data=lg.Objective(other, nn.CrossEntropyLoss(), _data("cpu")),
         )
+
+
+def test_figures_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    model = _mlp("cpu")
+    obj = lg.Objective(model, nn.CrossEntropyLoss(), _data("cpu"))
+    grid = torch.linspace(-1, 1, 7)
+    s = lg.slice_1d(obj, "filter", grid, n_directions=3, quadratic=True)
+    traj = obj.theta + torch.randn(5, obj.dim, dtype=DTYPE) * 0.1
+    pca = lg.pca_directions(obj, traj)
+    surf = lg.slice_2d(
+        obj,
+        pca.directions[0].to(DTYPE),
+        pca.directions[1].to(DTYPE),
+        grid,
+        grid,
+        theta=pca.center.to(DTYPE),
+        trajectory=pca,
+    )
+    p = lg.interpolate(obj, obj.theta, traj[0], steps=5)
+    files = {
+        "slice.png": lambda f: lg.plot_slice(s, path=f),
+        "contour.png": lambda f: lg.plot_surface(surf, path=f),
+        "surface3d.png": lambda f: lg.plot_surface(surf, kind="surface", path=f),
+        "paths.png": lambda f: lg.plot_paths([p, p], labels=["a", "b"], path=f),
+    }
+    for name, draw in files.items():
+        fig = draw(tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+        fig.clf()
+    fig = lg.plot_surface(surf)
+    assert "off-plane" in fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="kind"):
+        lg.plot_surface(surf, kind="heatmap")
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind

@@ -17,6 +17,7 @@ from lossgeom.geometry._directions import (
     random_directions,
 )
 from lossgeom.geometry._paths import BARRIER_DEFINITION, PathResult, interpolate
+from lossgeom.geometry._plots import plot_paths, plot_slice, plot_surface
 from lossgeom.geometry._slices import (
     RayCurvature,
     SliceResult,
@@ -53,6 +54,10 @@ __all__ = [
     "align",
     "permutation_groups",
     "permute_model",
+    # figures
+    "plot_paths",
+    "plot_slice",
+    "plot_surface",
     # results
     "load_result",
     "save_result",
