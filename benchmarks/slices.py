@@ -47,7 +47,7 @@ from lossgeom.zoo import digits  # noqa: E402
 from _models import DigitsCNN  # noqa: E402
 
 STEPS = 21
-REPEATS = 3
+REPEATS = 5
 OUT = Path(__file__).parent / "results" / "slices_cpu.json"
 
 
@@ -66,7 +66,7 @@ def make_case(name: str):
     return "b_cnn_bn_digits1024", model.eval(), X, y
 
 
-def best_of(fn, repeats=REPEATS):
+def best_of(fn, repeats=1):
     times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def bare_forward(model, X, y, loss_fn):
             return float(loss_fn(model(X), y))
 
     run()
-    t, _ = best_of(run, repeats=10)
+    t, _ = best_of(run, repeats=5)
     return t
 
 
@@ -92,7 +92,9 @@ def plain_loop(model, X, y, loss_fn, theta, u, v, grid):
         with torch.no_grad():
             for i, a in enumerate(grid):
                 for j, b in enumerate(grid):
-                    torch.nn.utils.vector_to_parameters(theta + a * u + b * v, m.parameters())
+                    torch.nn.utils.vector_to_parameters(
+                        theta + a * u + b * v, m.parameters()
+                    )
                     out[i, j] = loss_fn(m(X), y)
         return out
 
@@ -110,7 +112,11 @@ def loss_landscapes_plane(model, X, y, loss_fn):
     def run():
         torch.manual_seed(0)
         return loss_landscapes.random_plane(
-            model, metric, distance=1, steps=STEPS, normalization="filter",
+            model,
+            metric,
+            distance=1,
+            steps=STEPS,
+            normalization="filter",
             deepcopy_model=True,
         )
 
@@ -129,15 +135,29 @@ def run_case(name: str) -> dict:
     obj = lg.Objective(model, loss_fn, (X, y))
     grid = torch.linspace(-1.0, 1.0, STEPS)
     n_points = STEPS * STEPS
-    t_fwd = bare_forward(model, X, y, loss_fn)
-    t_lg, surf = best_of(lambda: lg.slice_2d(obj, "filter", alphas=grid, betas=grid))
-    from lossgeom.geometry._evaluation import _CHOSEN
+    from lossgeom.geometry._evaluation import default_chunk_size
 
-    chunk = _CHOSEN.get(obj)
+    chunk = default_chunk_size(obj)
     u = lg.random_direction(obj, seed=0)
     v = lg.orthogonalize(obj, u, lg.random_direction(obj, seed=1))
-    t_loop, ref = plain_loop(model, X, y, loss_fn, obj.theta, u, v, grid)
-    t_ll, ll_note = loss_landscapes_plane(model, X, y, loss_fn)
+    # Interleaved rounds, the best round of each: this machine's speed drifts by
+    # 2-3x within minutes, so back-to-back blocks per method would compare drifts.
+    times: dict[str, list[float]] = {"fwd": [], "lg": [], "loop": [], "ll": []}
+    surf = ref = None
+    ll_note = ""
+    for _ in range(REPEATS):
+        times["fwd"].append(bare_forward(model, X, y, loss_fn))
+        t, surf = best_of(
+            lambda: lg.slice_2d(obj, "filter", alphas=grid, betas=grid), repeats=1
+        )
+        times["lg"].append(t)
+        t, ref = plain_loop(model, X, y, loss_fn, obj.theta, u, v, grid)
+        times["loop"].append(t)
+        t, ll_note = loss_landscapes_plane(model, X, y, loss_fn)
+        if t is not None:
+            times["ll"].append(t)
+    t_fwd, t_lg, t_loop = min(times["fwd"]), min(times["lg"]), min(times["loop"])
+    t_ll = min(times["ll"]) if times["ll"] else None
     per = {
         "bare_forward": t_fwd,
         "lossgeom": t_lg / n_points,
@@ -156,6 +176,7 @@ def run_case(name: str) -> dict:
         "loss_landscapes_over_lossgeom": (
             None if t_ll is None else per["loss_landscapes"] / per["lossgeom"]
         ),
+        "rounds_seconds": times,
         "max_abs_diff_vs_plain_loop": float((surf.loss - ref).abs().max()),
         "loss_range": [float(surf.loss.min()), float(surf.loss.max())],
         "loss_landscapes_note": ll_note,
@@ -175,8 +196,9 @@ def machine_facts() -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     try:
-        import loss_landscapes  # noqa: F401
         from importlib.metadata import version
+
+        import loss_landscapes  # noqa: F401
 
         facts["loss_landscapes"] = version("loss-landscapes")
     except Exception:  # noqa: BLE001
@@ -195,13 +217,16 @@ def machine_facts() -> dict:
 def main() -> None:
     rows = [run_case(c) for c in ("a", "b")]
     targets = {
-        "b_lossgeom_over_bare_forward_le_1.2": rows[1]["lossgeom_over_bare_forward"] <= 1.2,
+        "b_lossgeom_over_bare_forward_le_1.2": rows[1]["lossgeom_over_bare_forward"]
+        <= 1.2,
         "b_below_both": rows[1]["plain_loop_over_lossgeom"] > 1
         and (rows[1]["loss_landscapes_over_lossgeom"] or math.inf) > 1,
         "a_3x_fewer_than_both": rows[0]["plain_loop_over_lossgeom"] >= 3
         and (rows[0]["loss_landscapes_over_lossgeom"] or math.inf) >= 3,
     }
-    atomic_write_json(OUT, {"machine": machine_facts(), "cases": rows, "targets": targets})
+    atomic_write_json(
+        OUT, {"machine": machine_facts(), "cases": rows, "targets": targets}
+    )
     print(targets)
 
 

@@ -7,6 +7,7 @@ from lossgeom.geometry._alignment import (
     permutation_groups,
     permute_model,
 )
+from lossgeom.geometry._curves import ConnectResult, connect, curve_weights
 from lossgeom.geometry._directions import (
     PCADirections,
     hessian_directions,
@@ -48,6 +49,10 @@ __all__ = [
     "BARRIER_DEFINITION",
     "PathResult",
     "interpolate",
+    # mode connectivity
+    "ConnectResult",
+    "connect",
+    "curve_weights",
     # permutation alignment
     "AlignmentResult",
     "PermutationGroup",

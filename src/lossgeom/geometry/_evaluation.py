@@ -11,11 +11,9 @@ objective's data, which needs one extra pass per point.
 from __future__ import annotations
 
 import math
-import time
-import weakref
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lossgeom.objective import Objective
 
@@ -56,10 +54,21 @@ def check_direction(obj: Objective, v: object, name: str) -> Tensor:
     return v.detach().to(device=obj.device, dtype=obj.dtype)
 
 
-# Objectives whose fastest way over many points has been measured: chunk size.
-_CHOSEN: weakref.WeakKeyDictionary[Objective, int] = weakref.WeakKeyDictionary()
-_PROBE = 8  # points evaluated each way when choosing
 _VMAP_CHUNK = 64
+
+
+def default_chunk_size(obj: Objective) -> int:
+    """How ``chunk_size="auto"`` evaluates many points of ``obj``.
+
+    One point at a time (``1``) for models with convolutions on the CPU, where a
+    batch of convolution weights under ``vmap`` becomes a grouped convolution that
+    is several times slower per point than a plain one (measured in
+    ``benchmarks/slices.py``); otherwise 64 points per ``vmap`` call, which
+    amortises per-call overhead for dense models. A fixed rule rather than a
+    timing, so the same call always takes the same path (and rounds the same).
+    """
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in obj.model.modules())
+    return 1 if has_conv and obj.device.type == "cpu" else _VMAP_CHUNK
 
 
 def evaluate_points(
@@ -72,12 +81,7 @@ def evaluate_points(
 ) -> dict[str, Tensor]:
     """Loss (and accuracy) at each row of ``points``, and on ``eval_obj`` if given.
 
-    ``chunk_size="auto"`` measures, on the first points (useful work, nothing is
-    evaluated twice), whether this objective is faster one point after another
-    or with points vectorised (``vmap``, 64 at a time), remembers the answer for
-    the objective, and uses it. Vectorising wins for small dense models where
-    per-call overhead dominates; on the CPU convolutions are faster one point at
-    a time (a batch of convolution weights becomes a grouped convolution).
+    ``chunk_size="auto"`` follows :func:`default_chunk_size`.
 
     Returns:
         ``{"loss", "accuracy"?, "eval_loss"?, "eval_accuracy"?}``, each ``(m,)``.
@@ -95,20 +99,7 @@ def evaluate_points(
                 out.setdefault(prefix + k, []).append(v)
 
     if not recompute_norm or not obj.has_norm_statistics:
-        if chunk_size == "auto":
-            chunk = _CHOSEN.get(obj)
-            if chunk is None and points.shape[0] >= 3 * _PROBE:
-                t0 = time.perf_counter()
-                run(points[:_PROBE], 1)
-                t1 = time.perf_counter()
-                run(points[_PROBE : 2 * _PROBE], _PROBE)
-                t2 = time.perf_counter()
-                chunk = 1 if t1 - t0 <= t2 - t1 else _VMAP_CHUNK
-                _CHOSEN[obj] = chunk
-                points = points[2 * _PROBE :]
-            run(points, chunk if chunk is not None else _VMAP_CHUNK)
-        else:
-            run(points, chunk_size)
+        run(points, default_chunk_size(obj) if chunk_size == "auto" else chunk_size)
     else:
         for p in points:
             stats = obj.norm_statistics(p)

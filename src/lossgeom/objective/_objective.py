@@ -179,6 +179,7 @@ class Objective:
         self.counters = Counters()
         self._buffer_override: dict[str, Tensor] | None = None
         self._knows_accuracy: bool | None = None
+        self._runner: nn.Module | bool | None = None
         self._device = target_device
         self._dtype = target_dtype
 
@@ -201,6 +202,7 @@ class Objective:
             if getattr(module, b, None) is not None
         ]
         trainable = set(self.names)
+        self._trainable = trainable
         self._frozen = [
             (n, p) for n, p in model.named_parameters() if n not in trainable
         ]
@@ -557,17 +559,39 @@ class Objective:
         memory to about ``chunk_size`` forward passes of one batch);
         ``chunk_size=1`` evaluates them one after another without ``vmap``, which
         is faster for convolutions on the CPU (a batch of convolution weights
-        becomes a grouped convolution there). Unlike
+        becomes a grouped convolution there). In eval mode that path loads each
+        point into one private copy of the model, made once per objective, which
+        costs less per point than swapping tensors into the model. Unlike
         :meth:`loss`, non-finite values are returned, not raised: far from a
         minimum the loss may legitimately overflow.
 
         Args:
             points: parameter vectors, shape ``(m, d)``.
-            chunk_size: points per vectorised call; ``None`` for all at once.
+            chunk_size: points per vectorised call; ``None`` for all at once; 1
+                for one point after another.
 
         Returns:
             The loss at each point, shape ``(m,)``.
         """
+        return self._evaluate(points, chunk_size, accuracy=False)["loss"]
+
+    def evaluate_metrics(
+        self, points: Tensor, *, chunk_size: int | None = 16
+    ) -> dict[str, Tensor]:
+        """Loss, and accuracy when :attr:`knows_accuracy`, at many points in one pass.
+
+        Like :meth:`evaluate` (one forward pass per point and batch), but the
+        outputs also give the fraction of samples whose argmax equals the integer
+        class target.
+
+        Returns:
+            ``{"loss": (m,)}``, plus ``"accuracy": (m,)`` for classification.
+        """
+        return self._evaluate(points, chunk_size, accuracy=self.knows_accuracy)
+
+    def _evaluate(
+        self, points: Tensor, chunk_size: int | None, *, accuracy: bool
+    ) -> dict[str, Tensor]:
         if (
             not isinstance(points, Tensor)
             or points.ndim != 2
@@ -581,47 +605,33 @@ class Objective:
         check_block(points.T, self._dim, self._dtype, self._device)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}.")
+        names = ["loss", "accuracy"] if accuracy else ["loss"]
         if points.shape[0] == 0:
-            return points.new_empty(0)
-        batched = _over_points(self.batch_loss, chunk_size)
-        with torch.no_grad():
-            out = self.accumulate(
-                lambda x, y: batched(points, x, y),
-                what="loss",
-                higher_order=False,
-                check_finite=False,
-            )
-        self.counters.loss += points.shape[0]
-        return out
+            return {n: points.new_empty(0) for n in names}
 
-    def evaluate_metrics(
-        self, points: Tensor, *, chunk_size: int | None = 16
-    ) -> dict[str, Tensor]:
-        """Loss, and accuracy when :attr:`knows_accuracy`, at many points in one pass.
-
-        Like :meth:`evaluate` (one forward pass per point and batch, ``vmap`` over
-        points), but the outputs also give the fraction of samples whose argmax
-        equals the integer class target.
-
-        Returns:
-            ``{"loss": (m,)}``, plus ``"accuracy": (m,)`` for classification.
-        """
-        if not self.knows_accuracy:
-            return {"loss": self.evaluate(points, chunk_size=chunk_size)}
-        self.evaluate(points[:0])  # validates points with evaluate's messages
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}.")
-
-        def both(theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-            out = self.model_fn(theta, x)
+        def stats(out: Tensor, y: Tensor) -> Tensor:
             loss = self.loss_fn(out, y)
-            acc = (out.argmax(-1) == y).to(loss.dtype).mean()
-            return torch.stack([loss, acc])
+            if not accuracy:
+                return loss.reshape(1)
+            return torch.stack([loss, (out.argmax(-1) == y).to(loss.dtype).mean()])
 
-        batched = _over_points(both, chunk_size)
-        if points.shape[0] == 0:
-            empty = points.new_empty(0)
-            return {"loss": empty, "accuracy": empty}
+        runner = self._point_runner() if chunk_size == 1 else None
+        if runner is not None:
+            targets = [p for n, p in runner.named_parameters() if n in self._trainable]
+
+            def batched(P: Tensor, x: Tensor, y: Tensor) -> Tensor:
+                rows = []
+                for point in P:
+                    for t, piece in zip(
+                        targets, self.unflatten(point).values(), strict=True
+                    ):
+                        t.copy_(piece)
+                    rows.append(stats(runner(x), y))
+                return torch.stack(rows)
+        else:
+            batched = _over_points(
+                lambda t, x, y: stats(self.model_fn(t, x), y), chunk_size
+            )
         with torch.no_grad():
             out = self.accumulate(
                 lambda x, y: batched(points, x, y),
@@ -630,7 +640,40 @@ class Objective:
                 check_finite=False,
             )
         self.counters.loss += points.shape[0]
-        return {"loss": out[:, 0], "accuracy": out[:, 1]}
+        return {n: out[:, i] for i, n in enumerate(names)}
+
+    def _point_runner(self) -> nn.Module | None:
+        """A private eval-mode copy of the model to load points into, or None.
+
+        Made once (``None`` in train mode, or when the model cannot be deep-copied);
+        its buffers and frozen parameters are refreshed from the model (or the
+        :meth:`using_buffers` override) on every call, so it never goes stale.
+        """
+        if self.mode != "eval" or self._runner is False:
+            return None
+        if self._runner is None:
+            try:
+                runner = copy.deepcopy(self.model)
+            except Exception:  # noqa: BLE001 - fall back to functional_call
+                self._runner = False
+                return None
+            runner.eval()
+            for p in runner.parameters():
+                p.requires_grad_(False)
+            self._runner = runner
+        runner = self._runner
+        override = self._buffer_override or {}
+        with torch.no_grad():
+            for (n, b), (_, mine) in zip(
+                self.model.named_buffers(), runner.named_buffers(), strict=True
+            ):
+                mine.copy_(override.get(n, b))
+            for (n, p), (_, mine) in zip(
+                self.model.named_parameters(), runner.named_parameters(), strict=True
+            ):
+                if n not in self._trainable:
+                    mine.copy_(p)
+        return runner
 
     @property
     def knows_accuracy(self) -> bool:
