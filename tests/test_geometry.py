@@ -312,6 +312,7 @@ def test_ray_curvature_matches_exact_directional_curvature():
     obj = lg.Objective(model, nn.CrossEntropyLoss(), _data("cpu"))
     rc = lg.ray_curvature(obj, 32, step=1e-3, seed=0)
     torch.testing.assert_close(rc.fd, rc.exact, rtol=1e-4, atol=1e-6)
+    assert rc.relative_difference < 1e-3
     # An indefinite quadratic: negative fraction is about the right share.
     A = torch.diag(torch.tensor([1.0, -1.0, 2.0, -2.0], dtype=DTYPE))
     quad = nn.Linear(4, 1, bias=False).double()
@@ -440,15 +441,9 @@ def test_figures_are_written(tmp_path):
     s = lg.slice_1d(obj, "filter", grid, n_directions=3, quadratic=True)
     traj = obj.theta + torch.randn(5, obj.dim, dtype=DTYPE) * 0.1
     pca = lg.pca_directions(obj, traj)
-    surf = lg.slice_2d(
-        obj,
-        pca.directions[0].to(DTYPE),
-        pca.directions[1].to(DTYPE),
-        grid,
-        grid,
-        theta=pca.center.to(DTYPE),
-        trajectory=pca,
-    )
+    surf = lg.slice_2d(obj, pca, alphas=grid, betas=grid)
+    assert surf.directions["source"] == "pca"
+    torch.testing.assert_close(surf.trajectory, pca.coords)
     p = lg.interpolate(obj, obj.theta, traj[0], steps=5)
     files = {
         "slice.png": lambda f: lg.plot_slice(s, path=f),
@@ -463,6 +458,7 @@ def test_figures_are_written(tmp_path):
         fig.clf()
     fig = lg.plot_surface(surf)
     assert "off-plane" in fig.axes[0].get_title()
+    assert fig.axes[0].get_xlabel().startswith("PC1")
     with pytest.raises(ValueError, match="kind"):
         lg.plot_surface(surf, kind="heatmap")
     assert not list(tmp_path.glob(".*"))  # no temp files left behind

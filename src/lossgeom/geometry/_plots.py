@@ -54,6 +54,17 @@ def _normalization(directions: dict) -> str:
     return f"{norm}-normalized"
 
 
+def _axis_labels(directions: dict) -> tuple[str, str]:
+    if directions.get("source") == "pca":
+        r = directions.get("explained_variance_ratio", [float("nan")] * 2)
+        return (
+            f"PC1 ({100 * r[0]:.1f}% of the variance)",
+            f"PC2 ({100 * r[1]:.1f}% of the variance)",
+        )
+    what = _normalization(directions)
+    return f"alpha ({what})", f"beta ({what})"
+
+
 def plot_slice(
     result: Any,
     *,
@@ -104,7 +115,7 @@ def plot_slice(
             label="quadratic model L + a g.d + a^2 d.Hd/2",
         )
         lo_, hi_ = float(loss.min()), float(loss.max())
-        pad = 0.2 * (hi_ - lo_ + 1e-12)
+        pad = 0.05 * (hi_ - lo_ + 1e-12)
         ax.set_ylim(lo_ - pad, hi_ + pad)
     ax.set_xlabel(f"alpha ({_normalization(result.directions)} direction)")
     ax.set_ylabel("loss")
@@ -158,9 +169,9 @@ def plot_surface(
     else:
         ax.plot_surface(A, B, Z, cmap="viridis", linewidth=0, antialiased=True)
         ax.set_zlabel(label)
-    what = _normalization(surface.directions)
-    ax.set_xlabel(f"alpha ({what})")
-    ax.set_ylabel("beta")
+    xlabel, ylabel = _axis_labels(surface.directions)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     return _finish(fig, path, dpi)
 
 

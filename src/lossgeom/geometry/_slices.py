@@ -18,6 +18,7 @@ from torch import Tensor
 from lossgeom.geometry._directions import (
     Normalization,
     OneDim,
+    PCADirections,
     orthogonalize,
     random_direction,
     random_directions,
@@ -389,7 +390,9 @@ def slice_2d(
         obj: the objective; its model is never changed.
         d1: a flat vector, or a normalization to draw both directions at random
             (seeds ``seed`` and ``seed + 1``), ``d2`` then made orthogonal to ``d1``
-            filter by filter (:func:`orthogonalize`) unless ``orthogonal=False``.
+            filter by filter (:func:`orthogonalize`) unless ``orthogonal=False``;
+            or :class:`PCADirections` (its first two directions, centred on its
+            ``center``, with its trajectory drawn on top).
         d2: the second direction (required when ``d1`` is a vector).
         alphas: first grid axis (default 21 points in ``[-1, 1]``).
         betas: second grid axis (default 21 points in ``[-1, 1]``).
@@ -408,6 +411,20 @@ def slice_2d(
         :class:`Surface`.
     """
     started = time.perf_counter()
+    pca = d1 if isinstance(d1, PCADirections) else None
+    if pca is not None:
+        if pca.directions.shape[0] < 2 or d2 is not None:
+            raise ValueError(
+                "with PCADirections as d1, the plane is its first two directions: "
+                "pass d2=None and PCADirections with k >= 2."
+            )
+        if theta is None:
+            theta = pca.center.to(device=obj.device, dtype=obj.dtype)
+        if trajectory is None:
+            trajectory = pca
+        d1, d2 = (
+            pca.directions[i].to(device=obj.device, dtype=obj.dtype) for i in (0, 1)
+        )
     center = obj.theta if theta is None else check_direction(obj, theta, "theta")
     a_grid, b_grid = _grid(alphas, "alphas", obj), _grid(betas, "betas", obj)
     if isinstance(d1, str):
@@ -435,6 +452,12 @@ def slice_2d(
             )
         u, v = check_direction(obj, d1, "d1"), check_direction(obj, d2, "d2")
         record = {"source": "given"}
+        if pca is not None:
+            record = {
+                "source": "pca",
+                "explained_variance_ratio": pca.explained_variance_ratio[:2].tolist(),
+                "centering": pca.centering,
+            }
     record["norms"] = [float(u.norm()), float(v.norm())]
     record["cosine"] = float(u @ v / (u.norm() * v.norm()).clamp_min(1e-300))
     coefs = torch.cartesian_prod(a_grid, b_grid).reshape(-1, 2)
@@ -487,12 +510,17 @@ class RayCurvature:
     ``d_i . H d_i``; with ``exact`` the Hessian-vector products give the exact
     values to compare with (the difference is the finite-difference error, of
     order ``h^2`` times the fourth derivative, plus rounding ``eps L / h^2``).
+    On ReLU networks the two measure different things: a finite step crosses
+    kinks whose curvature the Hessian (which sees ReLU as piecewise linear) does
+    not contain, so ``relative_difference`` is then not small at any step.
 
     Attributes:
         fd: finite-difference curvatures ``(n_rays,)``.
         exact: ``d.Hd`` per ray (``None`` when not asked).
         mean, std, stderr: of ``fd`` over rays.
         negative_fraction: fraction of rays with ``fd < 0``.
+        relative_difference: ``max |fd - exact| / mean |exact|`` (``None``
+            without ``exact``).
         step: ``h``.
         directions: how the rays were drawn.
     """
@@ -504,6 +532,7 @@ class RayCurvature:
     stderr: float
     negative_fraction: float
     step: float
+    relative_difference: float | None = None
     directions: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
@@ -576,6 +605,11 @@ def ray_curvature(
         stderr=std / math.sqrt(n_rays) if n_rays > 1 else math.nan,
         negative_fraction=float((fd < 0).double().mean()),
         step=float(step),
+        relative_difference=(
+            None
+            if ex is None
+            else float((fd - ex).abs().max() / ex.abs().mean().clamp_min(1e-300))
+        ),
         directions={"normalization": normalization, "one_dim": one_dim, "seed": seed},
         info={"objective": obj.info(), "seconds": time.perf_counter() - started},
     )

@@ -35,7 +35,12 @@ from lossgeom.train._loop import (
     train,
 )
 from lossgeom.train._probes import stability_threshold
-from lossgeom.train._state import MetricsLog, latest_checkpoint, load_checkpoint
+from lossgeom.train._state import (
+    MetricsLog,
+    checkpoint_states,
+    latest_checkpoint,
+    load_checkpoint,
+)
 
 __all__ = [
     # config
@@ -60,6 +65,7 @@ __all__ = [
     "train",
     # run directories
     "MetricsLog",
+    "checkpoint_states",
     "latest_checkpoint",
     "load_checkpoint",
 ]

@@ -117,6 +117,41 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_states(run_dir: str | Path) -> list[tuple[int, dict[str, Tensor]]]:
+    """Every complete checkpoint of a run as ``(step, model state dict)``, by step.
+
+    For a trajectory of a training run, e.g.
+    ``lg.pca_directions(obj, [s for _, s in checkpoint_states(run_dir)])``.
+    ``run_dir`` is the run directory (its ``checkpoints/`` folder is read) or the
+    checkpoint folder itself.
+    """
+    folder = Path(run_dir)
+    if (folder / "checkpoints").is_dir():
+        folder = folder / "checkpoints"
+    found = checkpoints(folder)
+    if not found:
+        raise FileNotFoundError(
+            f"no complete checkpoints in {folder}; expected step_*.json sidecars "
+            "with their .safetensors files, written by lg.train with "
+            "checkpoint.every or checkpoint.steps set."
+        )
+    out = []
+    for step, sidecar in found:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        tensors = load_file(str(sidecar.with_name(meta["weights"])))
+        out.append(
+            (
+                step,
+                {
+                    k.removeprefix("model/"): v
+                    for k, v in tensors.items()
+                    if k.startswith("model/")
+                },
+            )
+        )
+    return out
+
+
 def load_checkpoint(
     sidecar: Path,
     model: torch.nn.Module,
