@@ -69,16 +69,7 @@ def main() -> None:
     pca = lg.pca_directions(obj, states, 2)
     span = float(pca.coords.abs().max()) * 1.3
     grid = torch.linspace(-span, span, 31)
-    plane = lg.slice_2d(
-        obj,
-        pca.directions[0],
-        pca.directions[1],
-        grid,
-        grid,
-        theta=pca.center,
-        trajectory=pca,
-        eval_data=(Xt, yt),
-    )
+    plane = lg.slice_2d(obj, pca, alphas=grid, betas=grid, eval_data=(Xt, yt))
     lg.plot_surface(plane, path=DOCS / "landscape_pca_plane.png", log=True)
     numbers["pca"] = {
         "explained_variance_ratio": pca.explained_variance_ratio.tolist(),
