@@ -499,3 +499,26 @@ def test_bad_or_unavailable_device_is_a_clear_error(tmp_path):
         with pytest.raises(ValueError, match="does not have; set device: cpu"):
             lg.train(small(device="cuda"), tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_states_give_a_trajectory(tmp_path):
+    run = tmp_path / "run"
+    cfg = {
+        "model": {"name": "mlp", "options": {"width": 8}},
+        "data": {"name": "digits", "subset": 128},
+        "steps": 30,
+        "metrics": None,
+        "checkpoint": {"every": 10},
+    }
+    lg.train(cfg, run)
+    states = lg.train.checkpoint_states(run)
+    assert [s for s, _ in states] == [10, 20, 30]
+    model = lg.zoo.model("mlp", width=8)
+    assert set(states[-1][1]) == set(model.state_dict())
+    model.load_state_dict(states[-1][1])
+    X, y = lg.zoo.digits("train")
+    obj = lg.Objective(model, torch.nn.CrossEntropyLoss(), (X[:64], y[:64]))
+    pca = lg.pca_directions(obj, [s for _, s in states], 2)
+    assert pca.coords.shape == (3, 2) and float(pca.residuals[-1]) == 0.0
+    with pytest.raises(FileNotFoundError, match="checkpoint.every"):
+        lg.train.checkpoint_states(tmp_path / "nothing")
