@@ -330,6 +330,29 @@ def test_save_load_round_trip(tmp_path):
     assert d["kind"] == "polychain" and d["bends"] == 2 and "barrier_definition" in d
 
 
+def test_eval_data_gives_held_out_losses_along_the_curve():
+    obj, model, _ = mlp_objective(norm=True, n=40, seed=0)
+    _, _, held = mlp_objective(norm=True, n=30, seed=1)
+    a = obj.theta
+    b = a + 0.5 * torch.randn(
+        obj.dim, dtype=F64, generator=torch.Generator().manual_seed(3)
+    )
+    res = connect(obj, a, b, steps=5, eval_points=5, eval_data=held)
+    assert res.eval_loss is not None and res.eval_loss.shape == (5,)
+    assert res.linear_eval_loss is not None
+    # Held-out loss at each point: BatchNorm statistics from the objective's data.
+    for t, value in zip(res.ts, res.eval_loss, strict=True):
+        theta = res.point(float(t))
+        stats = obj.norm_statistics(theta)
+        held_here = lg.Objective(model, nn.CrossEntropyLoss(), held)
+        with held_here.using_buffers(stats):
+            ref = held_here.evaluate(theta[None])
+        assert float(value) == pytest.approx(float(ref), rel=1e-9)
+    line = (1 - res.ts) * res.eval_loss[0] + res.ts * res.eval_loss[-1]
+    assert res.eval_barrier == pytest.approx(float((res.eval_loss - line).max()))
+    assert res.linear_eval_barrier is not None
+
+
 # -------------------------------------------------------------- bad input
 def test_bad_input_errors():
     obj = ring_objective()

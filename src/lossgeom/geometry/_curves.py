@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lossgeom.geometry._evaluation import barrier, evaluate_points
+from lossgeom.geometry._evaluation import barrier, evaluate_points, second_objective
 from lossgeom.geometry._paths import BARRIER_DEFINITION, interpolate
 from lossgeom.geometry._store import save_result, saveable
 from lossgeom.linalg._operator import NonFiniteError
@@ -106,6 +106,9 @@ class ConnectResult:
         history_loss: mean training (minibatch) loss since the previous log.
         steps: training steps taken.
         seconds: wall-clock time of training and evaluation.
+        eval_loss: loss along the curve on the second evaluation set
+            (``eval_data``; ``None`` without one), ``eval_barrier`` its barrier.
+        linear_eval_loss: the straight line on that set, ``linear_eval_barrier``.
         settings: the arguments of :func:`connect` and the objective's
             description, for the record.
     """
@@ -125,6 +128,10 @@ class ConnectResult:
     steps: int
     seconds: float
     settings: dict
+    eval_loss: Tensor | None = None
+    eval_barrier: float | None = None
+    linear_eval_loss: Tensor | None = None
+    linear_eval_barrier: float | None = None
 
     @property
     def bends(self) -> int:
@@ -218,6 +225,7 @@ def connect(
     log_every: int | None = None,
     chunk_size: int | None | str = "auto",
     seed: int = 0,
+    eval_data: object | None = None,
 ) -> ConnectResult:
     """Train a low-loss curve from ``theta_a`` to ``theta_b`` (Garipov et al. 2018).
 
@@ -286,6 +294,9 @@ def connect(
         chunk_size: points per vectorised evaluation (see
             :meth:`Objective.evaluate`).
         seed: seed of ``t``, minibatches and the initial noise.
+        eval_data: a second evaluation set (data, or an :class:`Objective`) on
+            which the final curve and the line are also evaluated (e.g. held-out
+            data); BatchNorm statistics still come from the objective's data.
 
     Returns:
         A :class:`ConnectResult`.
@@ -392,12 +403,18 @@ def connect(
         steps=eval_points,
         recompute_norm=recompute_norm,
         chunk_size=chunk_size,
+        eval_data=eval_data,
     )
     ts = line.ts.to(device=obj.device, dtype=obj.dtype)
     points = curve_weights(curve, ts, n_ctrl) @ control
     metrics = evaluate_points(
-        obj, points, recompute_norm=recompute_norm, chunk_size=chunk_size
+        obj,
+        points,
+        recompute_norm=recompute_norm,
+        chunk_size=chunk_size,
+        eval_obj=second_objective(obj, eval_data),
     )
+    eval_t = metrics.get("eval_loss")
     loss_t = metrics["loss"].cpu()
     acc_t = metrics.get("accuracy")
     curve_barrier, barrier_t = barrier(line.ts, loss_t)
@@ -434,6 +451,10 @@ def connect(
         steps=steps,
         seconds=time.perf_counter() - start,
         settings=settings,
+        eval_loss=None if eval_t is None else eval_t.cpu(),
+        eval_barrier=None if eval_t is None else barrier(line.ts, eval_t.cpu())[0],
+        linear_eval_loss=line.eval_loss,
+        linear_eval_barrier=line.eval_barrier,
     )
 
 
