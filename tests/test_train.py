@@ -522,3 +522,47 @@ def test_checkpoint_states_give_a_trajectory(tmp_path):
     assert pca.coords.shape == (3, 2) and float(pca.residuals[-1]) == 0.0
     with pytest.raises(FileNotFoundError, match="checkpoint.every"):
         lg.train.checkpoint_states(tmp_path / "nothing")
+
+
+def test_measures_run_as_callbacks(tmp_path):
+    cfg = {
+        "model": {"name": "mlp", "options": {"width": 8}},
+        "data": {"name": "digits", "subset": 128},
+        "steps": 30,
+        "metrics": {
+            "every": 10,
+            "sharpness": False,
+            "probe_samples": 64,
+            "measures": [
+                {"name": "effective_rank", "options": {"n_probes": 4, "n_steps": 12}},
+                {
+                    "name": "logdet",
+                    "options": {"shift": 1e3, "n_probes": 4},
+                    "every": 20,
+                },
+                {
+                    "name": "condition_number",
+                    "options": {"positive_part": True, "threshold": 2.0},
+                    "every": 30,
+                },
+            ],
+        },
+    }
+    res = lg.train(cfg, tmp_path / "run")
+    rows = {r["step"]: r for r in res.metrics}
+    assert sorted(rows) == [0, 10, 20, 30]
+    for step, row in rows.items():
+        assert row["effective_rank"] > 1 and row["effective_rank_stderr"] >= 0
+        assert row["effective_rank_seconds"] > 0
+        # every 20 steps, and at the last step
+        assert ("logdet" in row) == (step in (0, 20, 30))
+    # A measure that fails at a step is recorded there; training goes on.
+    assert rows[30]["condition_number"] is None
+    assert "threshold must be in (0, 1)" in rows[30]["condition_number_error"]
+    assert res.status == "finished"
+    bad = dict(cfg, metrics={"measures": [{"name": "sharpnes"}]})
+    with pytest.raises(ConfigError, match="unknown measure 'sharpnes'"):
+        lg.train(bad, tmp_path / "bad")
+    bad = dict(cfg, metrics={"measures": [{"name": "logdet", "options": {"shfit": 1}}]})
+    with pytest.raises(ConfigError, match="no options \\['shfit'\\]"):
+        lg.train(bad, tmp_path / "bad2")

@@ -1,3 +1,9 @@
 """Layer 2: scalar diagnostics: sharpness, gradient noise, dimensionality, difficulty."""
 
-__all__: list[str] = []
+from lossgeom.measures._registry import CALLBACKS, register
+
+__all__ = [
+    # callbacks by name
+    "CALLBACKS",
+    "register",
+]

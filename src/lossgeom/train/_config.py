@@ -219,6 +219,28 @@ class AugmentConfig(_Strict):
     flip: bool = True
 
 
+class MeasureConfig(_Strict):
+    """A measure of ``lossgeom.measures.CALLBACKS`` run on the probe set.
+
+    Attributes:
+        name: the measure (e.g. ``sharpness``, ``noise_scale``, ``effective_rank``).
+        options: its keyword arguments (checked against its signature).
+        every: steps between runs (``None``: at every metrics step); it runs at
+            metrics steps divisible by it, and at the last step.
+    """
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    every: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> MeasureConfig:
+        from lossgeom.measures._registry import check_options
+
+        check_options(self.name, self.options)
+        return self
+
+
 class MetricsConfig(_Strict):
     """What the callbacks measure, every ``every`` steps, into ``metrics.jsonl``.
 
@@ -234,6 +256,8 @@ class MetricsConfig(_Strict):
         sharpness_tol: its relative residual tolerance.
         sharpness_max_matvecs: its product budget per measurement.
         trace_matvecs: Hessian trace with standard error (0: off).
+        measures: further measures by name (sharpness, gradient noise, ...),
+            each writing ``<name>``, ``<name>_stderr`` and ``<name>_seconds``.
     """
 
     every: PositiveInt = 50
@@ -244,6 +268,7 @@ class MetricsConfig(_Strict):
     sharpness_tol: PositiveFloat = 1e-3
     sharpness_max_matvecs: PositiveInt = 60
     trace_matvecs: Annotated[int, Field(ge=0)] = 0
+    measures: list[MeasureConfig] = Field(default_factory=list)
 
 
 class CheckpointConfig(_Strict):

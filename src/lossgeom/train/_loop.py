@@ -458,7 +458,7 @@ def train(
         row: dict[str, object] = {"step": s, "lr": lr}
         if batch_loss is not None:
             row["batch_loss"] = batch_loss
-        row.update(prober.measure(s, lr, optimizer))
+        row.update(prober.measure(s, lr, optimizer, last=s == cfg.steps))
         log.append(row)
         if progress:
             shown = {k: v for k, v in row.items() if isinstance(v, float)}

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from lossgeom.curvature import HessianOperator, hessian
 from lossgeom.curvature.spectra import eigenvalues, trace
 from lossgeom.linalg import EigenResult, SymmetricOperator
+from lossgeom.measures._registry import run_measure
 from lossgeom.objective import Objective
 from lossgeom.train._config import MetricsConfig, OptimConfig
 
@@ -170,7 +171,12 @@ class Prober:
         }
 
     def measure(
-        self, step: int, lr: float, optimizer: torch.optim.Optimizer
+        self,
+        step: int,
+        lr: float,
+        optimizer: torch.optim.Optimizer,
+        *,
+        last: bool = False,
     ) -> dict[str, object]:
         """All configured measurements at ``step``; JSON-ready."""
         start = time.perf_counter()
@@ -203,6 +209,19 @@ class Prober:
                 seed=self.seed + step,
             )
             out.update(trace=tr.value, trace_stderr=tr.stderr, trace_method=tr.method)
+        for spec in self.cfg.measures:
+            if spec.every is None or step % spec.every == 0 or last:
+                try:
+                    out.update(
+                        run_measure(
+                            spec.name, self.objective, spec.options, self.seed + step
+                        )
+                    )
+                except (ValueError, RuntimeError, ArithmeticError) as err:
+                    # A measure that cannot be taken at this point (e.g. log det of
+                    # an indefinite Hessian) is recorded; training goes on.
+                    out[spec.name] = None
+                    out[f"{spec.name}_error"] = f"{type(err).__name__}: {err}"
         out["probe_seconds"] = time.perf_counter() - start
         return out
 

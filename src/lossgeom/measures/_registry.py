@@ -1,0 +1,77 @@
+"""Measures by name, for training callbacks and studies.
+
+Each entry is ``fn(objective, *, seed, **options) -> result`` where the result has a
+scalar ``value`` (and, when stochastic, ``stderr``). A training config lists them
+under ``metrics.measures`` as ``{name, options, every}``; each measurement writes
+``<name>``, ``<name>_stderr`` (when there is one) and ``<name>_seconds`` into the
+metrics row.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lossgeom.curvature import condition_number, effective_rank, logdet
+from lossgeom.objective import Objective
+
+__all__ = ["CALLBACKS", "check_options", "register", "run_measure"]
+
+CALLBACKS: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str, fn: Callable[..., Any]) -> None:
+    """Make ``fn(objective, **options)`` available as measure ``name``."""
+    CALLBACKS[name] = fn
+
+
+def _scalar(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def run_measure(
+    name: str, objective: Objective, options: dict[str, Any], seed: int
+) -> dict[str, float | None]:
+    """Run measure ``name`` and return its row entries (value, stderr, seconds)."""
+    if name not in CALLBACKS:
+        raise ValueError(f"unknown measure {name!r}; known: {sorted(CALLBACKS)}.")
+    fn = CALLBACKS[name]
+    kwargs = dict(options)
+    if "seed" in inspect.signature(fn).parameters and "seed" not in kwargs:
+        kwargs["seed"] = seed
+    start = time.perf_counter()
+    result = fn(objective, **kwargs)
+    row: dict[str, float | None] = {name: _scalar(getattr(result, "value", None))}
+    stderr = _scalar(getattr(result, "stderr", None))
+    if stderr is not None and not math.isnan(stderr):
+        row[f"{name}_stderr"] = stderr
+    row[f"{name}_seconds"] = time.perf_counter() - start
+    return row
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` if ``name`` is unknown or ``options`` do not fit it."""
+    if name not in CALLBACKS:
+        raise ValueError(f"unknown measure {name!r}; known: {sorted(CALLBACKS)}.")
+    params = inspect.signature(CALLBACKS[name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params) - {"seed"})
+    if unknown:
+        allowed = [p for p in list(params)[1:]]
+        raise ValueError(
+            f"measure {name!r} has no options {unknown}; it takes {allowed}."
+        )
+
+
+register("effective_rank", effective_rank)
+register("logdet", logdet)
+register("condition_number", condition_number)
