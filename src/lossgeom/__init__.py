@@ -1,6 +1,7 @@
 """lossgeom: the geometry of neural-network loss landscapes, measured and certified."""
 
 from lossgeom import geometry as geometry  # subpackage: lg.geometry
+from lossgeom import measures as measures  # subpackage: lg.measures
 from lossgeom import testing as testing  # subpackage: lg.testing
 from lossgeom import train as train  # callable subpackage: lg.train(config)
 from lossgeom import zoo as zoo  # subpackage: lg.zoo
@@ -57,6 +58,13 @@ from lossgeom.linalg import (
     EigenResult,
     SymmetricOperator,
     TraceResult,
+)
+from lossgeom.measures import (
+    EffectiveDimensionResult,
+    IntrinsicDimensionResult,
+    effective_dimension,
+    intrinsic_dimension,
+    random_projection,
 )
 from lossgeom.objective import Counters, NonFiniteError, Objective
 from lossgeom.train import TrainConfig, TrainResult, load_config
@@ -119,6 +127,12 @@ __all__ = [
     "save_result",
     "slice_1d",
     "slice_2d",
+    # measures (lossgeom.measures holds the rest)
+    "EffectiveDimensionResult",
+    "IntrinsicDimensionResult",
+    "effective_dimension",
+    "intrinsic_dimension",
+    "random_projection",
     # training (lossgeom.train holds the rest; lg.train is the function)
     "TrainConfig",
     "TrainResult",
