@@ -545,6 +545,12 @@ def test_measures_run_as_callbacks(tmp_path):
                     "options": {"positive_part": True, "threshold": 2.0},
                     "every": 30,
                 },
+                {
+                    "name": "sharpness",
+                    "options": {"radius": 0.05, "steps": 3, "restarts": 1},
+                    "every": 30,
+                },
+                {"name": "noise_scale", "every": 30},
             ],
         },
     }
@@ -559,6 +565,12 @@ def test_measures_run_as_callbacks(tmp_path):
     # A measure that fails at a step is recorded there; training goes on.
     assert rows[30]["condition_number"] is None
     assert "threshold must be in (0, 1)" in rows[30]["condition_number_error"]
+    # Measures with kinds write <name>_<kind>; the noise scale has its error bar.
+    assert rows[30]["sharpness_worst"] >= 0 and "sharpness_worst" not in rows[10]
+    assert rows[30]["noise_scale"] > 0 and "noise_scale_seconds" in rows[30]
+    clash = dict(cfg, metrics={"measures": [{"name": "logdet", "key": "trace"}]})
+    with pytest.raises(ConfigError, match="built-in metric"):
+        lg.train(clash, tmp_path / "clash")
     assert res.status == "finished"
     bad = dict(cfg, metrics={"measures": [{"name": "sharpnes"}]})
     with pytest.raises(ConfigError, match="unknown measure 'sharpnes'"):

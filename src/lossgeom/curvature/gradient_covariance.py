@@ -80,7 +80,9 @@ class GradientCovarianceOperator(ObjectiveOperator):
         with obj.probe_mode():
             for x, y in obj.batches():
                 G = self._centred_batch(x, y)
-                finite.append(torch.isfinite(G).all())
+                # A sum is non-finite iff some entry is (or overflows): one pass
+                # of additions instead of a boolean copy of the whole block.
+                finite.append(torch.isfinite(G.sum()))
                 blocks.append(G)
         obj.counters.passes += 1
         obj.counters.per_sample_grad += 1

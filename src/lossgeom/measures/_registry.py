@@ -18,7 +18,7 @@ from typing import Any
 from lossgeom.curvature import condition_number, effective_rank, logdet
 from lossgeom.objective import Objective
 
-__all__ = ["CALLBACKS", "check_options", "register", "run_measure"]
+__all__ = ["CALLBACKS", "check_options", "default_key", "register", "run_measure"]
 
 CALLBACKS: dict[str, Callable[..., Any]] = {}
 
@@ -37,23 +37,43 @@ def _scalar(x: Any) -> float | None:
         return None
 
 
+def default_key(name: str, options: dict[str, Any]) -> str:
+    """The column a measure writes: its name, plus ``_<kind>`` if it has kinds.
+
+    ``sharpness`` with ``kind="average"`` writes ``sharpness_average``; without a
+    kind option it writes ``sharpness_worst`` (its default kind).
+    """
+    if name not in CALLBACKS:
+        return name
+    params = inspect.signature(CALLBACKS[name]).parameters
+    if "kind" not in params:
+        return name
+    kind = options.get("kind", params["kind"].default)
+    return name if kind is inspect.Parameter.empty else f"{name}_{kind}"
+
+
 def run_measure(
-    name: str, objective: Objective, options: dict[str, Any], seed: int
+    name: str,
+    objective: Objective,
+    options: dict[str, Any],
+    seed: int,
+    key: str | None = None,
 ) -> dict[str, float | None]:
-    """Run measure ``name`` and return its row entries (value, stderr, seconds)."""
+    """Run measure ``name``; its row entries (value, stderr, seconds) under ``key``."""
     if name not in CALLBACKS:
         raise ValueError(f"unknown measure {name!r}; known: {sorted(CALLBACKS)}.")
     fn = CALLBACKS[name]
     kwargs = dict(options)
     if "seed" in inspect.signature(fn).parameters and "seed" not in kwargs:
         kwargs["seed"] = seed
+    key = key or default_key(name, options)
     start = time.perf_counter()
     result = fn(objective, **kwargs)
-    row: dict[str, float | None] = {name: _scalar(getattr(result, "value", None))}
+    row: dict[str, float | None] = {key: _scalar(getattr(result, "value", None))}
     stderr = _scalar(getattr(result, "stderr", None))
     if stderr is not None and not math.isnan(stderr):
-        row[f"{name}_stderr"] = stderr
-    row[f"{name}_seconds"] = time.perf_counter() - start
+        row[f"{key}_stderr"] = stderr
+    row[f"{key}_seconds"] = time.perf_counter() - start
     return row
 
 

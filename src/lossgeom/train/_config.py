@@ -219,6 +219,30 @@ class AugmentConfig(_Strict):
     flip: bool = True
 
 
+_BUILT_IN_COLUMNS = frozenset(
+    {
+        "step",
+        "lr",
+        "batch_loss",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "grad_norm",
+        "sharpness",
+        "sharpness_residual",
+        "eos_threshold",
+        "eos_formula",
+        "eos_ratio",
+        "preconditioned_sharpness",
+        "trace",
+        "trace_stderr",
+        "trace_method",
+        "probe_seconds",
+    }
+)
+
+
 class MeasureConfig(_Strict):
     """A measure of ``lossgeom.measures.CALLBACKS`` run on the probe set.
 
@@ -227,18 +251,34 @@ class MeasureConfig(_Strict):
         options: its keyword arguments (checked against its signature).
         every: steps between runs (``None``: at every metrics step); it runs at
             metrics steps divisible by it, and at the last step.
+        key: the metrics column (default: the name, plus ``_<kind>`` for
+            measures with kinds, e.g. ``sharpness_worst``).
     """
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
     every: PositiveInt | None = None
+    key: str | None = None
 
     @model_validator(mode="after")
     def _known(self) -> MeasureConfig:
-        from lossgeom.measures._registry import check_options
+        from lossgeom.measures._registry import check_options, default_key
 
         check_options(self.name, self.options)
+        column = self.key or default_key(self.name, self.options)
+        if column in _BUILT_IN_COLUMNS:
+            raise ValueError(
+                f"measure column {column!r} is a built-in metric; give the measure "
+                "another key (e.g. key: my_" + column + ")."
+            )
         return self
+
+    @property
+    def column(self) -> str:
+        """The metrics column this measure writes."""
+        from lossgeom.measures._registry import default_key
+
+        return self.key or default_key(self.name, self.options)
 
 
 class MetricsConfig(_Strict):
@@ -269,6 +309,16 @@ class MetricsConfig(_Strict):
     sharpness_max_matvecs: PositiveInt = 60
     trace_matvecs: Annotated[int, Field(ge=0)] = 0
     measures: list[MeasureConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> MetricsConfig:
+        columns = [m.column for m in self.measures]
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise ValueError(
+                f"two measures write the same column {twice}; give them distinct keys."
+            )
+        return self
 
 
 class CheckpointConfig(_Strict):

@@ -214,14 +214,18 @@ class Prober:
                 try:
                     out.update(
                         run_measure(
-                            spec.name, self.objective, spec.options, self.seed + step
+                            spec.name,
+                            self.objective,
+                            spec.options,
+                            self.seed + step,
+                            key=spec.column,
                         )
                     )
                 except (ValueError, RuntimeError, ArithmeticError) as err:
                     # A measure that cannot be taken at this point (e.g. log det of
                     # an indefinite Hessian) is recorded; training goes on.
-                    out[spec.name] = None
-                    out[f"{spec.name}_error"] = f"{type(err).__name__}: {err}"
+                    out[spec.column] = None
+                    out[f"{spec.column}_error"] = f"{type(err).__name__}: {err}"
         out["probe_seconds"] = time.perf_counter() - start
         return out
 
