@@ -447,3 +447,17 @@ def test_bad_objects_and_regression_pac_bayes_are_refused():
         sharpness(obj, 0.1, "pac_bayes")
     with pytest.raises(ValueError, match="expected"):
         sharpness(obj, 0.1, theta=torch.zeros(5, dtype=DTYPE))
+
+
+def test_pac_bayes_without_a_bracket_reports_infinity():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    obj = lg.Objective(m, nn.CrossEntropyLoss(), (X, y))
+    base = float(obj.evaluate_metrics(obj.theta[None])["accuracy"][0])
+    # An accuracy drop above the base accuracy can never happen: no bracket.
+    res = sharpness(obj, 0.1, kind="pac_bayes", target_drop=base + 0.01, samples=4)
+    assert not res.details["bracketed"]
+    assert math.isinf(res.value) and res.details["sigma_tested_up_to"] > 1e6

@@ -564,10 +564,13 @@ def test_measures_run_as_callbacks(tmp_path):
         assert ("logdet" in row) == (step in (0, 20, 30))
     # A measure that fails at a step is recorded there; training goes on.
     assert rows[30]["condition_number"] is None
-    assert "threshold must be in (0, 1)" in rows[30]["condition_number_error"]
+    assert "threshold must be in (0, 1)" in rows[30]["condition_number_failed"]
     # Measures with kinds write <name>_<kind>; the noise scale has its error bar.
     assert rows[30]["sharpness_worst"] >= 0 and "sharpness_worst" not in rows[10]
     assert rows[30]["noise_scale"] > 0 and "noise_scale_seconds" in rows[30]
+    missing = dict(cfg, metrics={"measures": [{"name": "sharpness"}]})
+    with pytest.raises(ConfigError, match="radius"):
+        lg.train(missing, tmp_path / "missing")
     clash = dict(cfg, metrics={"measures": [{"name": "logdet", "key": "trace"}]})
     with pytest.raises(ConfigError, match="built-in metric"):
         lg.train(clash, tmp_path / "clash")

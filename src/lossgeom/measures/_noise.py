@@ -368,11 +368,21 @@ def _top_subspace(
     d = op.shape[0]
     extra = 1 if k < d else 0
     res = eigenvalues(op, k + extra, seed=seed, tol=tol, max_matvecs=max_matvecs)
+    if res.values.numel() < k + extra:
+        raise ValueError(
+            f"only {res.values.numel()} eigenpairs were found within max_matvecs="
+            f"{max_matvecs}; {k + extra} are needed (k={k} and one more for the gap). "
+            "Raise max_matvecs (or leave it None)."
+        )
     values = res.values[:k]
     residuals = res.residuals[:k]
     basis, _ = torch.linalg.qr(res.vectors[:, :k])
     if not extra:  # the whole space: the projector is the identity, exactly
         bound = 0.0
+    elif not bool(res.converged[: k + extra].all()):
+        # Before convergence Lanczos may have missed an eigenvalue, so the
+        # (k+1)-th Ritz value says nothing about the true gap: no bound.
+        bound = math.inf
     else:
         gap = float(res.values[k - 1] - res.values[k] - res.residuals[k])
         r = float(residuals.double().norm())

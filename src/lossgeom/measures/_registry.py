@@ -73,6 +73,9 @@ def run_measure(
     stderr = _scalar(getattr(result, "stderr", None))
     if stderr is not None and not math.isnan(stderr):
         row[f"{key}_stderr"] = stderr
+    bound = _scalar(getattr(result, "error", None))  # a bound, not a stderr
+    if bound is not None:
+        row[f"{key}_error"] = bound
     row[f"{key}_seconds"] = time.perf_counter() - start
     return row
 
@@ -81,15 +84,22 @@ def check_options(name: str, options: dict[str, Any]) -> None:
     """Raise ``ValueError`` if ``name`` is unknown or ``options`` do not fit it."""
     if name not in CALLBACKS:
         raise ValueError(f"unknown measure {name!r}; known: {sorted(CALLBACKS)}.")
-    params = inspect.signature(CALLBACKS[name]).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(options) - set(params) - {"seed"})
-    if unknown:
-        allowed = [p for p in list(params)[1:]]
+    signature = inspect.signature(CALLBACKS[name])
+    params = signature.parameters
+    allowed = list(params)[1:]
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params) - {"seed"})
+        if unknown:
+            raise ValueError(
+                f"measure {name!r} has no options {unknown}; it takes {allowed}."
+            )
+    try:
+        signature.bind(None, **options)
+    except TypeError as err:
         raise ValueError(
-            f"measure {name!r} has no options {unknown}; it takes {allowed}."
-        )
+            f"measure {name!r} cannot be called with options {options}: {err}. "
+            f"It takes {allowed}."
+        ) from err
 
 
 register("effective_rank", effective_rank)

@@ -675,13 +675,17 @@ def _pac_bayes(
         for _ in range(60):
             if hi - lo <= tol * hi:
                 break
+            if lo == 0.0 and hi < 1e-6 * sigma_hi:
+                break  # the floor noise eps alone already drops accuracy too much
             mid = 0.5 * (lo + hi)
             if drop(mid) > target:
                 hi = mid
             else:
                 lo = mid
-    sigma = lo if bracketed else hi
-    acc, acc_err = accuracy(sigma)
+    # Not bracketed: no sigma up to hi drops the accuracy by the target, so the
+    # answer is "larger than hi"; report inf (hi is in details), not hi itself.
+    sigma = lo if bracketed else math.inf
+    acc, acc_err = accuracy(lo if bracketed else hi)
     details = {
         "base_accuracy": base,
         "accuracy": acc,
@@ -690,6 +694,7 @@ def _pac_bayes(
         "bracket": [lo, hi],
         "bracketed": bracketed,
         "flatness": 1.0 / sigma**2 if sigma > 0 else math.inf,
+        "sigma_tested_up_to": hi,
         "history": [[s, base - a] for s, (a, _) in sorted(history.items())],
     }
     return _Outcome(sigma, None, details)

@@ -225,7 +225,7 @@ class Prober:
                     # A measure that cannot be taken at this point (e.g. log det of
                     # an indefinite Hessian) is recorded; training goes on.
                     out[spec.column] = None
-                    out[f"{spec.column}_error"] = f"{type(err).__name__}: {err}"
+                    out[f"{spec.column}_failed"] = f"{type(err).__name__}: {err}"
         out["probe_seconds"] = time.perf_counter() - start
         return out
 
