@@ -1255,6 +1255,7 @@ def intrinsic_dimension(
 
     runs: list[dict] = []
     accuracy_of: dict[int, float] = {}
+    passed_at: dict[int, bool] = {}
 
     def train(d: int, stage: str) -> bool:
         proj = random_projection(
@@ -1264,7 +1265,8 @@ def intrinsic_dimension(
         run = problem.run(proj, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
         runs.append({**run.to_dict(), "stage": stage})
         accuracy_of[d] = run.accuracy
-        return run.finite and run.accuracy >= target
+        passed_at[d] = bool(run.finite and run.accuracy >= target)
+        return passed_at[d]
 
     with measure_cost(problem.eval) as cost:
         if reference_accuracy is None:
@@ -1297,7 +1299,7 @@ def intrinsic_dimension(
                 else:
                     lo = mid
     ordered = sorted(accuracy_of)
-    passed = [accuracy_of[d] >= target for d in ordered]
+    passed = [passed_at[d] for d in ordered]  # the same test the search used
     consistent = all(not p or q for p, q in zip(passed, passed[1:], strict=False))
     n_runs = len(runs)
     return IntrinsicDimensionResult(
