@@ -581,3 +581,28 @@ def test_measures_run_as_callbacks(tmp_path):
     bad = dict(cfg, metrics={"measures": [{"name": "logdet", "options": {"shfit": 1}}]})
     with pytest.raises(ConfigError, match="no options \\['shfit'\\]"):
         lg.train(bad, tmp_path / "bad2")
+
+
+def test_update_dimension_is_tracked_while_training(tmp_path):
+    cfg = {
+        "model": {"name": "mlp", "options": {"width": 8}},
+        "data": {"name": "digits", "subset": 128},
+        "steps": 40,
+        "metrics": {
+            "every": 20,
+            "sharpness": False,
+            "update_dimension": {"record_every": 2, "max_vectors": 15},
+        },
+    }
+    res = lg.train(cfg, tmp_path / "run")
+    rows = {r["step"]: r for r in res.metrics}
+    assert rows[0]["update_dimension"] is None  # nothing recorded yet
+    assert rows[20]["update_dimension_vectors"] == 10
+    assert rows[40]["update_dimension_vectors"] == 15  # the window
+    for step in (20, 40):
+        dim = rows[step]["update_dimension"]
+        assert 1 <= dim <= rows[step]["update_dimension_vectors"]
+    with pytest.raises(ConfigError, match="threshold"):
+        lg.train(
+            dict(cfg, metrics={"update_dimension": {"threshold": 1.5}}), tmp_path / "b"
+        )

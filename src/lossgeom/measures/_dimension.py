@@ -829,6 +829,10 @@ class TrajectoryRecorder:
                 torch.cat([g.detach().reshape(-1) for g in grads]).cpu().clone()
             )
 
+    def __len__(self) -> int:
+        """How many vectors are stored now."""
+        return len(self._stored)
+
     def vectors(self) -> Tensor:
         """The stored vectors, shape ``(T, D)``."""
         if not self._stored:

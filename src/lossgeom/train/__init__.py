@@ -26,6 +26,7 @@ from lossgeom.train._config import (
     ScheduleConfig,
     ShiftConfig,
     TrainConfig,
+    UpdateDimensionConfig,
     load_config,
 )
 from lossgeom.train._loop import (
@@ -57,6 +58,7 @@ __all__ = [
     "ScheduleConfig",
     "ShiftConfig",
     "TrainConfig",
+    "UpdateDimensionConfig",
     "load_config",
     # running
     "HalfSquaredError",

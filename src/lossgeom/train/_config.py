@@ -281,6 +281,26 @@ class MeasureConfig(_Strict):
         return self.key or default_key(self.name, self.options)
 
 
+class UpdateDimensionConfig(_Strict):
+    """Effective dimension of the recent parameter updates, tracked while training.
+
+    Every ``record_every`` steps the change of the parameters since the last record
+    is kept (at most ``max_vectors``, the latest); each metrics row gets
+    ``update_dimension``: the number of principal components explaining
+    ``threshold`` of their variance (``lossgeom.effective_dimension``), and
+    ``update_dimension_vectors``. After a resume the window starts again.
+
+    Attributes:
+        record_every: steps between records.
+        max_vectors: window length.
+        threshold: fraction of variance, in (0, 1].
+    """
+
+    record_every: PositiveInt = 1
+    max_vectors: PositiveInt = 200
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+
+
 class MetricsConfig(_Strict):
     """What the callbacks measure, every ``every`` steps, into ``metrics.jsonl``.
 
@@ -298,6 +318,7 @@ class MetricsConfig(_Strict):
         trace_matvecs: Hessian trace with standard error (0: off).
         measures: further measures by name (sharpness, gradient noise, ...),
             each writing ``<name>``, ``<name>_stderr`` and ``<name>_seconds``.
+        update_dimension: track the effective dimension of recent updates.
     """
 
     every: PositiveInt = 50
@@ -309,6 +330,7 @@ class MetricsConfig(_Strict):
     sharpness_max_matvecs: PositiveInt = 60
     trace_matvecs: Annotated[int, Field(ge=0)] = 0
     measures: list[MeasureConfig] = Field(default_factory=list)
+    update_dimension: UpdateDimensionConfig | None = None
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> MetricsConfig:

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from lossgeom._io import atomic_write_text
 from lossgeom.curvature import hessian
+from lossgeom.measures import TrajectoryRecorder
 from lossgeom.objective import NonFiniteError
 from lossgeom.train._config import MetricsConfig, TrainConfig, load_config
 from lossgeom.train._probes import Prober
@@ -453,9 +454,27 @@ def train(
             base = min(a.c / adapt_lambda, a.max_lr) if adapt_lambda > 0 else a.max_lr
         return base * schedule_factor(cfg, s)
 
+    track = cfg.metrics.update_dimension if cfg.metrics is not None else None
+    recorder = (
+        TrajectoryRecorder(
+            model,
+            what="updates",
+            every=track.record_every,
+            max_vectors=track.max_vectors,
+        )
+        if track is not None
+        else None
+    )
+
     def measure(s: int, batch_loss: float | None) -> None:
         lr = lr_at(min(s, cfg.steps - 1))
         row: dict[str, object] = {"step": s, "lr": lr}
+        if recorder is not None and track is not None:
+            n = len(recorder)
+            row["update_dimension_vectors"] = n
+            row["update_dimension"] = (
+                recorder.result(track.threshold).dimension if n >= 2 else None
+            )
         if batch_loss is not None:
             row["batch_loss"] = batch_loss
         row.update(prober.measure(s, lr, optimizer, last=s == cfg.steps))
@@ -511,6 +530,8 @@ def train(
             break
         loss.backward()
         optimizer.step()
+        if recorder is not None:
+            recorder()
         step += 1
     if status_out == "finished":
         try:
