@@ -1,6 +1,7 @@
 """The main job: `lossgeom demo` trains, probes and writes results.json."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,23 @@ def test_demo_writes_consistent_results(tmp_path):
         abs(dn["negative_fraction"] - exact_neg)
         <= 4 * dn["negative_fraction_stderr"] + 0.02
     )
+    # landscape figures and measures, each with what it means
+    ls, ms = res["landscape"], res["measures"]
+    assert set(ls["figures"]) == {"slices", "plane", "path"}
+    for f in ls["figures"].values():
+        assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ls["directions"]["normalization"] == "filter"
+    assert ls["plane_min_max_loss"][0] <= m["train_loss"] + 1e-9  # the centre is on it
+    assert ls["init_to_trained_barrier"] >= 0 and "Frankle" in ls["barrier_definition"]
+    # the worst case includes the centre, so it is a rise >= 0; a share is a fraction
+    assert ms["worst_sharpness_r0.05"] >= 0
+    assert 0.0 <= ms["gradient_fraction_top10"] <= 1.0
+    assert set(ms["definitions"]) == {
+        "worst",
+        "average",
+        "adaptive",
+        "gradient_fraction",
+    }
 
 
 def test_demo_gradient_noise_trace_is_exact(tmp_path):

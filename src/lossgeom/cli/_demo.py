@@ -75,6 +75,7 @@ def run_demo(
     model = mlp(64, 10, width=width, depth=1, activation="tanh")
     loss_fn = nn.CrossEntropyLoss()
 
+    theta_init = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -201,6 +202,8 @@ def run_demo(
         "negative_definition": neg.definition + " (threshold = 1% of lambda_max)",
         "plot": _plot_density(dens, top.values, out / "spectral_density.png"),
     }
+    results["landscape"] = _landscape(obj, theta_init, (Xt, yt), out, seed)
+    results["measures"] = _measures(obj, seed)
     results["work"] = obj.counters.to_dict()
     results["probe_seconds"] = round(time.perf_counter() - probe_start, 3)
     results["machine"] = {
@@ -212,6 +215,64 @@ def run_demo(
     }
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def _landscape(obj, theta_init, test, out: Path, seed: int) -> dict:
+    """Filter-normalized slices and the path from the initialisation."""
+    grid = torch.linspace(-1.0, 1.0, 21)
+    band = lg.slice_1d(
+        obj, "filter", grid, n_directions=8, seed=seed, quadratic=True, eval_data=test
+    )
+    plane = lg.slice_2d(obj, "filter", alphas=grid, betas=grid, seed=seed)
+    init = theta_init.to(dtype=obj.dtype, device=obj.device)
+    path = lg.interpolate(obj, init, obj.theta, steps=21, eval_data=test)
+    figures = {}
+    try:
+        lg.plot_slice(band, path=out / "loss_slices.png")
+        lg.plot_surface(plane, path=out / "loss_plane.png", log=True)
+        lg.plot_paths(path, labels=["initialisation -> trained"], path=out / "path.png")
+        figures = {k: str(out / f) for k, f in (("slices", "loss_slices.png"),
+                                                ("plane", "loss_plane.png"),
+                                                ("path", "path.png"))}  # fmt: skip
+    except ImportError:
+        pass  # matplotlib is optional
+    stats = band.statistics()
+    return {
+        "directions": band.directions,
+        "slice_total_variation": stats["total_variation"],
+        "slice_excess_variation": stats["excess_variation"],
+        "slice_variance": stats["slice_variance"],
+        "plane_min_max_loss": [float(plane.loss.min()), float(plane.loss.max())],
+        "init_to_trained_barrier": path.barrier,
+        "init_to_trained_test_barrier": path.eval_barrier,
+        "barrier_definition": path.definition,
+        "figures": figures,
+    }
+
+
+def _measures(obj, seed: int) -> dict:
+    """Sharpness of several kinds and the gradient's share of the top curvature."""
+    worst = lg.sharpness(obj, 0.05, kind="worst", steps=10, restarts=2, seed=seed)
+    average = lg.sharpness(obj, 0.01, kind="average", samples=64, seed=seed)
+    adaptive = lg.sharpness(
+        obj, 0.05, kind="average", adaptive=True, samples=64, seed=seed
+    )
+    fraction = lg.gradient_fraction(obj, k=10, seed=seed)
+    return {
+        "worst_sharpness_r0.05": worst.value,
+        "average_sharpness_sigma0.01": average.value,
+        "average_sharpness_stderr": average.stderr,
+        "adaptive_average_sharpness_r0.05": adaptive.value,
+        "adaptive_average_sharpness_stderr": adaptive.stderr,
+        "gradient_fraction_top10": fraction.value,
+        "gradient_fraction_error": fraction.error,
+        "definitions": {
+            "worst": worst.definition,
+            "average": average.definition,
+            "adaptive": adaptive.definition,
+            "gradient_fraction": fraction.definition,
+        },
+    }
 
 
 def _plot_density(dens, top: torch.Tensor, path: Path) -> str | None:
@@ -311,6 +372,25 @@ def format_table(results: dict) -> str:
             f"{dn['negative_fraction']:.3f} +- {dn['negative_fraction_stderr']:.3f} of d",
         ),
         ("spectral density plot", str(dn["plot"])),
+    ]
+    ls, ms = results["landscape"], results["measures"]
+    rows += [
+        (
+            "filter-normalized slices (8): excess variation",
+            f"{ls['slice_excess_variation']:.3f} (0 = one basin per slice)",
+        ),
+        ("barrier initialisation -> trained", f"{ls['init_to_trained_barrier']:.4g}"),
+        ("worst-case sharpness, l2 radius 0.05", f"{ms['worst_sharpness_r0.05']:.4e}"),
+        (
+            "adaptive average sharpness, 0.05",
+            f"{ms['adaptive_average_sharpness_r0.05']:.4e}"
+            f" +- {ms['adaptive_average_sharpness_stderr']:.1e}",
+        ),
+        (
+            "gradient share in top-10 Hessian space",
+            f"{ms['gradient_fraction_top10']:.3f}",
+        ),
+        ("landscape figures", ", ".join(Path(f).name for f in ls["figures"].values())),
     ]
     c = results["cost"]
     rows += [
