@@ -12,18 +12,18 @@ import torch
 from torch import nn
 
 import lossgeom as lg
-from lossgeom.measures._dimension import (
+from lossgeom.measures import (
     DenseProjection,
     FastfoodProjection,
     SparseProjection,
     TrajectoryRecorder,
-    _adam,
     effective_dimension,
     fwht,
     intrinsic_dimension,
     random_projection,
     subspace_train,
 )
+from lossgeom.measures._dimension import _adam
 
 F64 = torch.float64
 KINDS = ["dense", "sparse", "fastfood"]

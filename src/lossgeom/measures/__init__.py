@@ -1,18 +1,9 @@
 """Layer 2: scalar diagnostics: sharpness, gradient noise, dimensionality, difficulty."""
 
 from lossgeom.measures._dimension import (
-    DenseProjection,
-    EffectiveDimensionResult,
-    FastfoodProjection,
     IntrinsicDimensionResult,
-    Projection,
-    SparseProjection,
     SubspaceRun,
-    TrajectoryRecorder,
-    effective_dimension,
-    fwht,
     intrinsic_dimension,
-    random_projection,
     subspace_train,
 )
 from lossgeom.measures._noise import (
@@ -29,8 +20,21 @@ from lossgeom.measures._noise import (
     noise_scale,
     quadratic_prediction,
 )
+from lossgeom.measures._projections import (
+    DenseProjection,
+    FastfoodProjection,
+    Projection,
+    SparseProjection,
+    fwht,
+    random_projection,
+)
 from lossgeom.measures._registry import CALLBACKS, register
 from lossgeom.measures._sharpness import SharpnessResult, sharpness
+from lossgeom.measures._trajectory import (
+    EffectiveDimensionResult,
+    TrajectoryRecorder,
+    effective_dimension,
+)
 
 register("sharpness", sharpness)
 register("noise_scale", noise_scale)
