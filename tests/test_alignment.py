@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from lossgeom.geometry import load_result, save_result
-from lossgeom.geometry._alignment import (
+from lossgeom.geometry import (
     AlignmentResult,
     PermutationGroup,
     align,
+    load_result,
     permutation_groups,
     permute_model,
+    save_result,
 )
 from lossgeom.zoo import cifar_resnet, cnn, mlp, model
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from lossgeom.geometry._alignment import align
+from lossgeom.geometry import align
 from lossgeom.zoo import digits, mlp
 
 WIDTHS = (32, 512)

@@ -1,12 +1,6 @@
 """Layer 2: loss-landscape geometry: directions, slices, paths, curves, alignment."""
 
-from lossgeom.geometry._alignment import (
-    AlignmentResult,
-    PermutationGroup,
-    align,
-    permutation_groups,
-    permute_model,
-)
+from lossgeom.geometry._alignment import AlignmentResult, align
 from lossgeom.geometry._curves import ConnectResult, connect, curve_weights
 from lossgeom.geometry._directions import (
     PCADirections,
@@ -18,6 +12,11 @@ from lossgeom.geometry._directions import (
     random_directions,
 )
 from lossgeom.geometry._paths import BARRIER_DEFINITION, PathResult, interpolate
+from lossgeom.geometry._permutations import (
+    PermutationGroup,
+    permutation_groups,
+    permute_model,
+)
 from lossgeom.geometry._plots import plot_paths, plot_slice, plot_surface
 from lossgeom.geometry._slices import (
     RayCurvature,
