@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lossgeom as lg  # noqa: E402
 from lossgeom._io import atomic_write_json  # noqa: E402
-from lossgeom.measures._noise import gradient_noise  # noqa: E402
+from lossgeom.measures import gradient_noise  # noqa: E402
 from lossgeom.zoo import digits  # noqa: E402
 
 from _models import DigitsCNN  # noqa: E402

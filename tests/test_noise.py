@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lossgeom as lg
-from lossgeom.measures._noise import (
+from lossgeom.measures import (
     difficulty_index,
     gradient_fraction,
     gradient_noise,

@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import lossgeom as lg
-from lossgeom.measures._noise import gradient_fraction, noise_scale
+from lossgeom.measures import gradient_fraction, noise_scale
 from lossgeom.zoo import digits, mlp
 
 pytestmark = pytest.mark.slow

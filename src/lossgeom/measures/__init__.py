@@ -1,5 +1,15 @@
 """Layer 2: scalar diagnostics: sharpness, gradient noise, dimensionality, difficulty."""
 
+from lossgeom.measures._difficulty import (
+    DifficultyIndexResult,
+    GradientFractionResult,
+    NoiseAlignmentResult,
+    QuadraticPredictionResult,
+    difficulty_index,
+    gradient_fraction,
+    noise_alignment,
+    quadratic_prediction,
+)
 from lossgeom.measures._dimension import (
     IntrinsicDimensionResult,
     SubspaceRun,
@@ -7,18 +17,10 @@ from lossgeom.measures._dimension import (
     subspace_train,
 )
 from lossgeom.measures._noise import (
-    DifficultyIndexResult,
-    GradientFractionResult,
     GradientNoiseResult,
-    NoiseAlignmentResult,
     NoiseScaleResult,
-    QuadraticPredictionResult,
-    difficulty_index,
-    gradient_fraction,
     gradient_noise,
-    noise_alignment,
     noise_scale,
-    quadratic_prediction,
 )
 from lossgeom.measures._projections import (
     DenseProjection,
