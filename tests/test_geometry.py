@@ -462,3 +462,116 @@ def test_figures_are_written(tmp_path):
     with pytest.raises(ValueError, match="kind"):
         lg.plot_surface(surf, kind="heatmap")
     assert not list(tmp_path.glob(".*"))  # no temp files left behind
+
+
+# ------------------------------------------------------ review regressions
+def test_one_point_at_a_time_sees_the_current_model():
+    model = _bn_cnn("cpu")
+    obj = lg.Objective(model, nn.CrossEntropyLoss(), _image_data("cpu"))
+    pts = obj.theta.expand(3, -1)
+    before = obj.evaluate(pts, chunk_size=1)
+    torch.testing.assert_close(before, obj.evaluate(pts, chunk_size=None))
+    # Change what a cached copy would miss: a forward hook and an attribute.
+    handle = model[4].register_forward_hook(lambda m, i, o: o * 2.0)
+    try:
+        now = obj.evaluate(pts, chunk_size=1)
+        torch.testing.assert_close(now, obj.evaluate(pts, chunk_size=None))
+        assert not torch.allclose(now, before)
+    finally:
+        handle.remove()
+    # Further training of the model: obj.theta follows, both paths agree.
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    pts = obj.theta.expand(2, -1)
+    torch.testing.assert_close(
+        obj.evaluate(pts, chunk_size=1), obj.evaluate(pts, chunk_size=None)
+    )
+
+
+def test_instance_norm_is_not_recomputed_as_if_it_were_batch_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.InstanceNorm2d(3, track_running_stats=True),
+        nn.Flatten(),
+        nn.Linear(48, 3),
+    ).double()
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(8, 1, 4, 4, dtype=DTYPE) + 2.0)
+    model.eval()
+    obj = lg.Objective(model, nn.CrossEntropyLoss(), _image_data("cpu"))
+    assert not obj.has_norm_statistics and obj.norm_statistics() == {}
+    path = lg.interpolate(obj, obj.theta, obj.theta, steps=3)
+    assert not path.recompute_norm
+    torch.testing.assert_close(path.loss, torch.full((3,), obj.loss(), dtype=DTYPE))
+
+
+def test_accuracy_is_nan_where_the_loss_is():
+    class Blows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3).double()
+
+        def forward(self, x):
+            out = self.lin(x)
+            return torch.where(self.lin.weight[0, 0] > 5, out * math.nan, out)
+
+    obj = lg.Objective(Blows(), nn.CrossEntropyLoss(), _data("cpu"))
+    d = torch.zeros(obj.dim, dtype=DTYPE)
+    d[0] = 1.0
+    s = lg.slice_1d(obj, d, [0.0, 100.0])
+    assert math.isfinite(float(s.loss[0, 0])) and math.isnan(float(s.loss[0, 1]))
+    assert math.isnan(float(s.accuracy[0, 1]))
+    p = lg.interpolate(obj, obj.theta, obj.theta + 100 * d, steps=3)
+    assert math.isnan(p.barrier) and math.isnan(p.accuracy_barrier)
+
+
+def test_orthogonalize_handles_one_entry_and_parallel_filters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    X = torch.randn(20, 1, dtype=DTYPE)
+    obj = lg.Objective(model, nn.CrossEntropyLoss(), (X, torch.randint(0, 3, (20,))))
+    s2 = lg.slice_2d(obj, "filter", alphas=[0.0], betas=[0.0])
+    assert abs(s2.directions["cosine"]) < 1e-10
+    u = lg.random_direction(obj, seed=0)
+    # Blocks parallel to d1's, but not the whole vector: orthogonal anyway.
+    v = lg.random_direction(obj, seed=1)
+    first = obj.unflatten(v)["0.weight"]
+    first.copy_(0.7 * obj.unflatten(u)["0.weight"])
+    for norm in ("filter", "layer", "none"):
+        w = lg.orthogonalize(obj, u, v, norm)
+        assert abs(float(u @ w)) <= 1e-10 * float(u.norm() * w.norm()), norm
+    with pytest.raises(ValueError, match="parallel"):
+        lg.orthogonalize(obj, u, 3.0 * u, "filter")
+
+
+def test_quadratic_overlay_uses_the_slices_statistics():
+    model = _bn_cnn("cpu")
+    obj = lg.Objective(model, nn.CrossEntropyLoss(), _image_data("cpu"))
+    s = lg.slice_1d(obj, "filter", [0.0], quadratic=True, recompute_norm=True)
+    assert float(s.quadratic[0, 0]) == pytest.approx(float(s.loss[0, 0]), rel=1e-10)
+
+
+def test_pca_refuses_more_directions_than_differences():
+    model = _mlp("cpu")
+    obj = lg.Objective(model, nn.CrossEntropyLoss(), _data("cpu"))
+    traj = obj.theta + torch.randn(4, obj.dim, dtype=DTYPE)
+    for center in ("final", "mean"):
+        assert lg.pca_directions(obj, traj, 3, center=center).directions.shape[0] == 3
+        with pytest.raises(ValueError, match=r"\(3\)"):
+            lg.pca_directions(obj, traj, 4, center=center)
+
+
+def test_statistics_do_not_depend_on_the_grid_direction():
+    a = torch.linspace(-1, 1, 21, dtype=DTYPE)
+    loss = torch.stack([a**2 + 0.1 * torch.sin(9 * a)])
+    up = lg.SliceResult(alphas=a, loss=loss).statistics()
+    down = lg.SliceResult(alphas=a.flip(0), loss=loss.flip(1)).statistics()
+    assert up["second_difference_energy"] > 0
+    assert down["second_difference_energy"] == pytest.approx(
+        up["second_difference_energy"]
+    )
+    uneven = torch.tensor([0.0, 0.1, 0.5, 1.0], dtype=DTYPE)
+    with pytest.raises(ValueError, match="evenly spaced"):
+        lg.SliceResult(alphas=uneven, loss=uneven[None] ** 2).statistics()

@@ -12,6 +12,7 @@ networks look the same at every scale.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -171,13 +172,18 @@ def orthogonalize(
     d2: Tensor,
     normalization: Normalization = "filter",
 ) -> Tensor:
-    """``d2`` made orthogonal to ``d1`` while keeping its normalization.
+    """``d2`` made orthogonal to ``d1``, keeping its normalization where possible.
 
     Gram-Schmidt is done block by block (each filter for ``"filter"``, each tensor
     for ``"layer"``, the whole vector for ``"none"``) and each block is rescaled to
-    its norm before: since blocks are disjoint, the result is orthogonal to ``d1``
-    as a whole and every filter keeps the norm normalization gave it. A block of
-    ``d2`` parallel to ``d1``'s is left as it was (nothing to orthogonalize).
+    its norm before: blocks are disjoint, so the result is orthogonal to ``d1`` as
+    a whole and every filter keeps the norm normalization gave it. A filter that
+    cannot be both (a one-entry filter, e.g. a ``Linear(1, h)`` row, is always
+    parallel to ``d1``'s) makes its whole tensor fall back to one Gram-Schmidt
+    step at tensor level (the tensor keeps its norm, its filters do not); if the
+    pair is still not orthogonal (whole tensors parallel), a last global step
+    makes it so. The result is orthogonal to ``d1`` to rounding in every case;
+    a ``d2`` parallel to ``d1`` as a whole is an error.
 
     Returns:
         The new ``d2``.
@@ -185,25 +191,44 @@ def orthogonalize(
     _check_choice("normalization", normalization, _NORMALIZATIONS)
     a = check_direction(obj, d1, "d1")
     b = check_direction(obj, d2, "d2").clone()
-    if normalization == "none":
-        n0 = b.norm()
-        b -= (b @ a) / (a @ a).clamp_min(torch.finfo(a.dtype).tiny) * a
-        return b * (n0 / b.norm().clamp_min(torch.finfo(a.dtype).tiny))
-    pa = obj.unflatten(a)
-    eps = torch.finfo(a.dtype).eps
-    for name, piece in obj.unflatten(b).items():
-        ref = pa[name]
-        if normalization == "layer" or piece.ndim <= 1:
-            pv, rv = piece.reshape(1, -1), ref.reshape(1, -1)
-        else:
-            pv, rv = _filter_view(piece), _filter_view(ref)
+    tiny = torch.finfo(a.dtype).tiny
+    cutoff = 1e3 * torch.finfo(a.dtype).eps
+    n_given = float(b.norm())
+
+    def project_out(pv: Tensor, rv: Tensor) -> Tensor:
+        """Rows of ``pv`` minus their projection on ``rv``'s rows, rescaled; or NaN."""
         norm0 = pv.norm(dim=1, keepdim=True)
         rr = (rv * rv).sum(1, keepdim=True)
-        proj = (pv * rv).sum(1, keepdim=True) / rr.clamp_min(torch.finfo(a.dtype).tiny)
+        proj = (pv * rv).sum(1, keepdim=True) / rr.clamp_min(tiny)
         new = pv - proj * rv
         new_norm = new.norm(dim=1, keepdim=True)
-        ok = new_norm > eps * norm0.clamp_min(eps)
-        pv.copy_(torch.where(ok, new * (norm0 / new_norm.clamp_min(eps)), pv))
+        ok = (new_norm > cutoff * norm0) | (norm0 == 0)
+        out = new * (norm0 / new_norm.clamp_min(tiny))
+        return torch.where(ok, out, torch.full_like(out, math.nan))
+
+    if normalization != "none":
+        pa = obj.unflatten(a)
+        for name, piece in obj.unflatten(b).items():
+            ref = pa[name]
+            if normalization == "layer" or piece.ndim <= 1:
+                pv, rv = piece.reshape(1, -1), ref.reshape(1, -1)
+            else:
+                pv, rv = _filter_view(piece), _filter_view(ref)
+            out = project_out(pv, rv)
+            if bool(torch.isnan(out).any()):  # fall back to the whole tensor
+                out = project_out(piece.reshape(1, -1), ref.reshape(1, -1))
+                out = torch.nan_to_num(out, nan=0.0).reshape(pv.shape)
+            pv.copy_(out)
+    cos = float(a @ b) / max(float(a.norm() * b.norm()), tiny)
+    if abs(cos) > cutoff or float(b.norm()) <= cutoff * n_given:
+        n0 = max(float(b.norm()), n_given)
+        b -= (b @ a) / (a @ a).clamp_min(tiny) * a
+        if float(b.norm()) <= cutoff * n0:
+            raise ValueError(
+                "d2 is parallel to d1, so no direction orthogonal to d1 can be made "
+                "from it; draw another one (e.g. another seed)."
+            )
+        b *= n0 / b.norm().clamp_min(tiny)
     return b
 
 
@@ -287,10 +312,11 @@ def pca_directions(
     """
     _check_choice("center", center, ("final", "mean"))
     traj = _trajectory(obj, thetas)
-    if not isinstance(k, int) or not 1 <= k <= traj.shape[0] - (center == "mean"):
+    limit = min(traj.shape[0] - 1, obj.dim)
+    if not isinstance(k, int) or not 1 <= k <= limit:
         raise ValueError(
             f"k must be an int between 1 and the number of independent checkpoint "
-            f"differences ({traj.shape[0] - 1}); got {k!r}."
+            f"differences ({limit}); got {k!r}."
         )
     origin = traj[-1] if center == "final" else traj.mean(0)
     M = traj - origin
@@ -330,6 +356,8 @@ def hessian_directions(
     if not res.all_converged:
         raise RuntimeError(
             f"the Hessian eigenvectors did not converge to tol={tol} "
-            f"(residuals {res.residuals.tolist()}); raise max_matvecs or loosen tol."
+            f"(residuals {res.residuals.tolist()}); loosen tol, or call "
+            "lg.eigenvalues(obj, k, max_matvecs=...) with a larger budget and use "
+            "its .vectors.T."
         )
     return res.vectors.T.contiguous()

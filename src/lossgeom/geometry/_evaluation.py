@@ -98,7 +98,8 @@ def evaluate_points(
             for k, v in o.evaluate_metrics(pts, chunk_size=chunk).items():
                 out.setdefault(prefix + k, []).append(v)
 
-    if not recompute_norm or not obj.has_norm_statistics:
+    # In train mode BatchNorm uses batch statistics: nothing to recompute.
+    if not recompute_norm or not obj.has_norm_statistics or obj.mode == "train":
         run(points, default_chunk_size(obj) if chunk_size == "auto" else chunk_size)
     else:
         for p in points:

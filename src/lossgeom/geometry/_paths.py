@@ -113,7 +113,9 @@ def path_result(
         accuracy_barrier=None if acc is None else barrier(ts, -acc)[0],
         eval_barrier=None if eval_loss is None else barrier(ts, eval_loss)[0],
         kind=kind,
-        recompute_norm=bool(recompute and obj.has_norm_statistics),
+        recompute_norm=bool(
+            recompute and obj.has_norm_statistics and obj.mode == "eval"
+        ),
         seconds=time.perf_counter() - started,
         info={"objective": obj.info(), **(info or {})},
     )

@@ -129,9 +129,23 @@ def _tv(y: Tensor, dim: int) -> Tensor:
     return y.diff(dim=dim).abs().sum(dim)
 
 
+def _step(x: Tensor) -> float:
+    """The spacing of a uniform grid (positive); ``ValueError`` if not uniform."""
+    if x.numel() < 2:
+        return 1.0
+    gaps = x.double().diff().abs()
+    h = float(gaps.mean())
+    if float((gaps - h).abs().max()) > 1e-6 * max(h, 1e-300):
+        raise ValueError(
+            "slice statistics need an evenly spaced grid (e.g. torch.linspace); "
+            f"got spacings from {float(gaps.min()):.3g} to {float(gaps.max()):.3g}."
+        )
+    return h
+
+
 def _second_energy(y: Tensor, x: Tensor, dim: int) -> Tensor:
     """``sum (second difference / h^2)^2 h``: a discrete integral of ``L''^2``."""
-    h = float((x[-1] - x[0]) / max(x.numel() - 1, 1)) if x.numel() > 1 else 1.0
+    h = _step(x)
     d2 = y.diff(n=2, dim=dim) / h**2
     return (d2 * d2).sum(dim) * h
 
@@ -251,8 +265,7 @@ class Surface:
         """
         loss = self.loss.double()
         a, b = self.alphas.double(), self.betas.double()
-        ha = float((a[-1] - a[0]) / max(a.numel() - 1, 1)) if a.numel() > 1 else 1.0
-        hb = float((b[-1] - b[0]) / max(b.numel() - 1, 1)) if b.numel() > 1 else 1.0
+        ha, hb = _step(a), _step(b)
         out = {
             "total_variation_alpha": float(_tv(loss, 0).mean()),
             "total_variation_beta": float(_tv(loss, 1).mean()),
@@ -305,7 +318,8 @@ def slice_1d(
             data pass per point; default off, as the slice keeps norm layers at
             the centre's statistics).
         chunk_size: points per vectorised evaluation (bounds memory); 1 for one
-            at a time without vmap; "auto" (default) measures which is faster.
+            at a time without vmap; "auto" (default): one at a time for models
+            with convolutions on the CPU, 64 per vmap call otherwise.
 
     Returns:
         :class:`SliceResult`.
@@ -343,8 +357,12 @@ def slice_1d(
     shaped = {k: v.reshape(n_dir, n_a) for k, v in values.items()}
     quad = slope = curv = None
     if quadratic:
-        loss0, g = obj.loss_and_grad(center)
-        HV = obj.hvp(dirs.T.contiguous(), theta=center)
+        # The same statistics as the slice's centre point (recomputed ones when
+        # the slice recomputes them), so the model and the slice meet at 0.
+        recompute = recompute_norm and obj.has_norm_statistics and obj.mode == "eval"
+        with obj.using_buffers(obj.norm_statistics(center) if recompute else {}):
+            loss0, g = obj.loss_and_grad(center)
+            HV = obj.hvp(dirs.T.contiguous(), theta=center)
         slope = (dirs @ g).cpu()
         curv = (dirs * HV.T).sum(1).cpu()
         a = grid.cpu()
@@ -362,7 +380,9 @@ def slice_1d(
         slope=slope,
         curvature=curv,
         directions=record,
-        recompute_norm=bool(recompute_norm and obj.has_norm_statistics),
+        recompute_norm=bool(
+            recompute_norm and obj.has_norm_statistics and obj.mode == "eval"
+        ),
         seconds=time.perf_counter() - started,
         info={"objective": obj.info(), "n_points": n_dir * n_a},
     )
@@ -495,7 +515,9 @@ def slice_2d(
         directions=record,
         trajectory=traj,
         trajectory_residuals=residuals,
-        recompute_norm=bool(recompute_norm and obj.has_norm_statistics),
+        recompute_norm=bool(
+            recompute_norm and obj.has_norm_statistics and obj.mode == "eval"
+        ),
         seconds=time.perf_counter() - started,
         info={"objective": obj.info(), "n_points": int(coefs.shape[0])},
     )

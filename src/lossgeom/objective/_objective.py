@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from lossgeom.linalg import check_block
 from lossgeom.linalg._operator import NonFiniteError
@@ -179,7 +180,6 @@ class Objective:
         self.counters = Counters()
         self._buffer_override: dict[str, Tensor] | None = None
         self._knows_accuracy: bool | None = None
-        self._runner: nn.Module | bool | None = None
         self._device = target_device
         self._dtype = target_dtype
 
@@ -613,9 +613,14 @@ class Objective:
             loss = self.loss_fn(out, y)
             if not accuracy:
                 return loss.reshape(1)
-            return torch.stack([loss, (out.argmax(-1) == y).to(loss.dtype).mean()])
+            acc = (out.argmax(-1) == y).to(loss.dtype).mean()
+            # argmax of a NaN row is an index like any other: no accuracy there.
+            acc = torch.where(torch.isfinite(loss), acc, torch.full_like(acc, math.nan))
+            return torch.stack([loss, acc])
 
-        runner = self._point_runner() if chunk_size == 1 else None
+        runner = (
+            self._point_runner() if chunk_size == 1 and points.shape[0] > 1 else None
+        )
         if runner is not None:
             targets = [p for n, p in runner.named_parameters() if n in self._trainable]
 
@@ -645,34 +650,30 @@ class Objective:
     def _point_runner(self) -> nn.Module | None:
         """A private eval-mode copy of the model to load points into, or None.
 
-        Made once (``None`` in train mode, or when the model cannot be deep-copied);
-        its buffers and frozen parameters are refreshed from the model (or the
-        :meth:`using_buffers` override) on every call, so it never goes stale.
+        Made afresh for each evaluation (so attributes, hooks and replaced
+        parameters of the model are always current; one copy per call, never per
+        point), with the buffers of :meth:`using_buffers` and the frozen
+        parameters :meth:`model_fn` uses. ``None`` in train mode or when the model
+        cannot be deep-copied (then points go through ``functional_call``).
         """
-        if self.mode != "eval" or self._runner is False:
+        if self.mode != "eval":
             return None
-        if self._runner is None:
-            try:
-                runner = copy.deepcopy(self.model)
-            except Exception:  # noqa: BLE001 - fall back to functional_call
-                self._runner = False
-                return None
-            runner.eval()
+        try:
+            runner = copy.deepcopy(self.model)
+        except Exception:  # noqa: BLE001 - fall back to functional_call
+            return None
+        runner.eval()
+        override = self._buffer_override or {}
+        frozen = dict(self._frozen)
+        with torch.no_grad():
             for p in runner.parameters():
                 p.requires_grad_(False)
-            self._runner = runner
-        runner = self._runner
-        override = self._buffer_override or {}
-        with torch.no_grad():
-            for (n, b), (_, mine) in zip(
-                self.model.named_buffers(), runner.named_buffers(), strict=True
-            ):
-                mine.copy_(override.get(n, b))
-            for (n, p), (_, mine) in zip(
-                self.model.named_parameters(), runner.named_parameters(), strict=True
-            ):
-                if n not in self._trainable:
-                    mine.copy_(p)
+            for n, mine in runner.named_buffers():
+                if n in override:
+                    mine.copy_(override[n])
+            for n, mine in runner.named_parameters():
+                if n in frozen:
+                    mine.copy_(frozen[n])
         return runner
 
     @property
@@ -694,8 +695,16 @@ class Objective:
 
     @property
     def has_norm_statistics(self) -> bool:
-        """Whether the model has normalisation layers with running statistics."""
-        return bool(self._running_stat_names)
+        """Whether the model has BatchNorm layers with running statistics.
+
+        These are what :meth:`norm_statistics` recomputes. (InstanceNorm with
+        ``track_running_stats`` is left alone: its forward pass ignores a
+        cumulative momentum, and its statistics are rarely used in eval mode.)
+        """
+        return any(
+            isinstance(m, _BatchNorm) and m.track_running_stats
+            for m in self.model.modules()
+        )
 
     def norm_statistics(self, theta: Tensor | None = None) -> dict[str, Tensor]:
         """Running statistics of every BatchNorm layer recomputed at ``theta``.
@@ -713,11 +722,11 @@ class Objective:
             there is none).
         """
         theta = self.check_theta(theta)
-        if not self._running_stat_names:
+        if not self.has_norm_statistics:
             return {}
         stats: dict[str, Tensor] = {}
         for prefix, module in self.model.named_modules():
-            if isinstance(module, _NormBase) and module.track_running_stats:
+            if isinstance(module, _BatchNorm) and module.track_running_stats:
                 name = f"{prefix}." if prefix else ""
                 if module.running_mean is not None:
                     stats[name + "running_mean"] = torch.zeros_like(module.running_mean)
@@ -726,7 +735,7 @@ class Objective:
                     stats[name + "num_batches_tracked"] = torch.zeros_like(
                         module.num_batches_tracked
                     )
-        norms = [m for m in self.model.modules() if isinstance(m, _NormBase)]
+        norms = [m for m in self.model.modules() if isinstance(m, _BatchNorm)]
         momenta = [m.momentum for m in norms]
         flags = [(m, m.training) for m in self.model.modules()]
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
