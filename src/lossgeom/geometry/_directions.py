@@ -344,9 +344,11 @@ def hessian_directions(
     tol: float = 1e-6,
     seed: int = 0,
 ) -> Tensor:
-    """The top (or bottom) Hessian eigenvectors at ``obj.theta`` as directions, ``(k, d)``.
+    """The top (or bottom) Hessian eigenvectors at ``obj.theta`` as directions.
 
-    Unit vectors (not filter-normalized: an eigenvector's scale is its own).
+    Shape ``(k, d)``, or ``(2 k, d)`` for ``which="both"`` (largest first, then
+    smallest). Unit vectors (not filter-normalized: an eigenvector's scale is its
+    own).
     Uses :func:`lossgeom.eigenvalues` (Lanczos with residual certificates); raises
     if they did not converge.
     """

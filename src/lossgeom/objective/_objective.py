@@ -714,8 +714,10 @@ class Objective:
         weighs the same; one full batch gives the exact data statistics, with the
         unbiased variance BatchNorm keeps). This is what a point between two
         networks needs before it is evaluated in eval mode: the end points'
-        statistics do not describe the interpolated network. Neither the model nor
-        this objective is changed; use the result with :meth:`using_buffers`.
+        statistics do not describe the interpolated network. The whole model is
+        in train mode for that pass (as ``torch.optim.swa_utils.update_bn`` does),
+        so dropout is active while the statistics are gathered. Neither the model
+        nor this objective is changed; use the result with :meth:`using_buffers`.
 
         Returns:
             ``{buffer name: tensor}`` for every running statistic (empty when
