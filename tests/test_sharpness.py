@@ -227,8 +227,17 @@ def test_logdet_kind_matches_the_dense_log_determinant():
 def test_filter_scale_equals_the_filter_normalized_all_ones_direction(mlp):
     model, X, y = mlp
     obj = lg.Objective(model, nn.CrossEntropyLoss(), (X, y))
-    ones = torch.ones(obj.dim, dtype=DTYPE)
-    ref = lg.normalize_direction(obj, ones, "filter", one_dim="filter").abs()
+    # Each entry of a weight filter gets that filter's root-mean-square; 1-D
+    # parameters their own magnitude.
+    pieces = []
+    for w in obj.unflatten(obj.theta).values():
+        if w.ndim <= 1:
+            pieces.append(w.abs().reshape(-1))
+        else:
+            rows = w.reshape(w.shape[0], -1)
+            rms = rows.pow(2).mean(1, keepdim=True).sqrt()
+            pieces.append(rms.expand_as(rows).reshape(-1))
+    ref = torch.cat(pieces)
     assert torch.allclose(_filter_scale(obj, obj.theta), ref)
 
 

@@ -26,9 +26,13 @@ def as_plain(value: Any) -> Any:
     return value
 
 
-def dataclass_to_dict(result: Any) -> dict:
-    """A frozen result dataclass as plain JSON values."""
-    return {f.name: as_plain(getattr(result, f.name)) for f in fields(result)}
+def dataclass_to_dict(result: Any, *, skip: tuple[str, ...] = ()) -> dict:
+    """A frozen result dataclass as plain JSON values, without the ``skip`` fields."""
+    return {
+        f.name: as_plain(getattr(result, f.name))
+        for f in fields(result)
+        if f.name not in skip
+    }
 
 
 class Cost(dict):

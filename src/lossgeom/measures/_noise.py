@@ -19,7 +19,7 @@ is in :mod:`lossgeom.measures._difficulty`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -28,7 +28,7 @@ from torch.func import grad as func_grad
 from torch.func import vmap
 
 from lossgeom.curvature import eigenvalues, gradient_covariance
-from lossgeom.measures._common import as_plain, measure_cost
+from lossgeom.measures._common import dataclass_to_dict, measure_cost
 from lossgeom.objective import NonFiniteError, Objective
 
 __all__ = ["GradientNoiseResult", "NoiseScaleResult", "gradient_noise", "noise_scale"]
@@ -47,11 +47,7 @@ class _Result:
 
     def to_dict(self) -> dict:
         """The result as plain JSON values (eigenvector matrices left out)."""
-        return {
-            f.name: as_plain(getattr(self, f.name))
-            for f in fields(self)  # type: ignore[arg-type]
-            if f.name not in self._skip
-        }
+        return dataclass_to_dict(self, skip=self._skip)
 
 
 @dataclass(frozen=True)

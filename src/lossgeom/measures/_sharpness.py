@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lossgeom.curvature import hessian, logdet
+from lossgeom.geometry import normalize_direction
 from lossgeom.measures._common import dataclass_to_dict, measure_cost
 from lossgeom.objective import Objective
 
@@ -100,9 +101,7 @@ class SharpnessResult:
 
     def to_dict(self) -> dict:
         """Plain JSON values (without the ``perturbation`` vector)."""
-        out = dataclass_to_dict(replace(self, perturbation=None))
-        out.pop("perturbation")
-        return out
+        return dataclass_to_dict(self, skip=("perturbation",))
 
 
 def sharpness(
@@ -399,19 +398,11 @@ def _resolve_normalization(
 def _filter_scale(obj: Objective, theta: Tensor) -> Tensor:
     """Per-entry filter scale: each filter's root-mean-square, ``|theta_i|`` for 1-D.
 
-    A filter is a row along the first dimension of a parameter with two or more
-    dimensions. This equals ``normalize_direction(obj, ones, "filter",
-    one_dim="filter")``: the all-ones direction normalized filter by filter.
+    The all-ones direction normalized filter by filter (Li et al. 2018, as
+    :func:`lossgeom.normalize_direction` does it, 1-D parameters entry by entry).
     """
-    pieces = []
-    for piece in obj.unflatten(theta).values():
-        if piece.ndim <= 1:
-            pieces.append(piece.abs().reshape(-1))
-        else:
-            rows = piece.reshape(piece.shape[0], -1)
-            rms = rows.norm(dim=1, keepdim=True) / math.sqrt(rows.shape[1])
-            pieces.append(rms.expand_as(rows).reshape(-1))
-    return torch.cat(pieces)
+    ones = torch.ones_like(theta)
+    return normalize_direction(obj, ones, "filter", one_dim="filter", theta=theta)
 
 
 def _scale(
