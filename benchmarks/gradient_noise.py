@@ -29,8 +29,6 @@ one thread; the machine's two cores are shared).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lossgeom as lg  # noqa: E402
+from _machine import machine_facts  # noqa: E402
 from lossgeom._io import atomic_write_json  # noqa: E402
 from lossgeom.measures import gradient_noise  # noqa: E402
 from lossgeom.zoo import digits  # noqa: E402
@@ -78,31 +77,6 @@ def per_sample_loop(obj: lg.Objective) -> torch.Tensor:
                 loss = obj.batch_loss(t, x[i : i + 1], y[i : i + 1])
                 rows.append(torch.autograd.grad(loss, t)[0])
     return torch.stack(rows)
-
-
-def machine_facts() -> dict:
-    facts = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "dtype": "float32",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    try:
-        facts["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    facts["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return facts
 
 
 def main() -> None:
@@ -174,7 +148,12 @@ def main() -> None:
             print(f"{key:>28}: {value}")
     print(targets)
     atomic_write_json(
-        OUT, {"machine": machine_facts(), "cases": [row], "targets": targets}
+        OUT,
+        {
+            "machine": machine_facts(dtype="float32"),
+            "cases": [row],
+            "targets": targets,
+        },
     )
 
 

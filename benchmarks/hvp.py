@@ -14,8 +14,6 @@ Usage: python benchmarks/hvp.py [--repeats N] [--out benchmarks/results/hvp_<dev
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 import lossgeom as lg
+from _machine import machine_facts
 from lossgeom._io import atomic_write_json
 from lossgeom.zoo import cifar_resnet, digits, mlp
 
@@ -122,31 +121,6 @@ def measure(name, model, X, y, device, repeats):
     }
 
 
-def machine_facts(device):
-    facts = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "dtype": "float32",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    facts["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        facts["gpu"] = torch.cuda.get_device_name(device)
-    return facts
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -179,7 +153,12 @@ def main():
         args.out or Path(__file__).parent / "results" / f"hvp_{device.type}.json"
     )
     atomic_write_json(
-        out, {"benchmark": "hvp", "machine": machine_facts(device), "results": rows}
+        out,
+        {
+            "benchmark": "hvp",
+            "machine": machine_facts(device, dtype="float32"),
+            "results": rows,
+        },
     )
     print(f"wrote {out}")
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lossgeom as lg  # noqa: E402
+from _machine import machine_facts  # noqa: E402
 from lossgeom._io import atomic_write_json  # noqa: E402
 from lossgeom.zoo import digits  # noqa: E402
 
@@ -185,37 +184,14 @@ def run_case(name: str) -> dict:
     return row
 
 
-def machine_facts() -> dict:
-    facts = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "dtype": "float32",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+def main() -> None:
+    rows = [run_case(c) for c in ("a", "b")]
     try:
         from importlib.metadata import version
 
-        import loss_landscapes  # noqa: F401
-
-        facts["loss_landscapes"] = version("loss-landscapes")
-    except Exception:  # noqa: BLE001
-        facts["loss_landscapes"] = None
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    facts["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return facts
-
-
-def main() -> None:
-    rows = [run_case(c) for c in ("a", "b")]
+        ll_version = version("loss-landscapes")
+    except Exception:  # noqa: BLE001 - not installed
+        ll_version = None
     targets = {
         "b_lossgeom_over_bare_forward_le_1.2": rows[1]["lossgeom_over_bare_forward"]
         <= 1.2,
@@ -225,7 +201,12 @@ def main() -> None:
         and (rows[0]["loss_landscapes_over_lossgeom"] or math.inf) >= 3,
     }
     atomic_write_json(
-        OUT, {"machine": machine_facts(), "cases": rows, "targets": targets}
+        OUT,
+        {
+            "machine": machine_facts(dtype="float32", loss_landscapes=ll_version),
+            "cases": rows,
+            "targets": targets,
+        },
     )
     print(targets)
 

@@ -32,8 +32,6 @@ import argparse
 import contextlib
 import importlib.metadata as md
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import torch
 from torch import nn
 
 import lossgeom as lg
+from _machine import machine_facts
 from lossgeom._io import atomic_write_json
 from lossgeom.zoo import cifar_resnet, digits
 
@@ -360,15 +359,7 @@ def main():
             f"{'':22} density {args.density_probes}x{args.density_steps}: PyHessian "
             f"{pd['seconds']:.1f}s | lossgeom {ld['seconds']:.1f}s"
         )
-    machine = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": versions(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "dtype": "float32 (references float64)",
-    }
+    machine = machine_facts(versions=versions(), dtype="float32 (references float64)")
     out = Path(args.out)
     if out.is_file():  # keep the other cases' rows (each row has its own date)
         done = {r["case"] for r in rows}
