@@ -135,21 +135,22 @@ def checkpoint_states(run_dir: str | Path) -> list[tuple[int, dict[str, Tensor]]
             "with their .safetensors files, written by lg.train with "
             "checkpoint.every or checkpoint.steps set."
         )
-    out = []
-    for step, sidecar in found:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        tensors = load_file(str(sidecar.with_name(meta["weights"])))
-        out.append(
-            (
-                step,
-                {
-                    k.removeprefix("model/"): v
-                    for k, v in tensors.items()
-                    if k.startswith("model/")
-                },
-            )
-        )
-    return out
+    return [(step, _model_state(_read(sidecar)[1])) for step, sidecar in found]
+
+
+def _read(sidecar: Path) -> tuple[dict, dict[str, Tensor]]:
+    """A checkpoint's sidecar and its tensors."""
+    meta = json.loads(Path(sidecar).read_text(encoding="utf-8"))
+    return meta, load_file(str(Path(sidecar).with_name(meta["weights"])))
+
+
+def _model_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's state dict among a checkpoint's tensors."""
+    return {
+        k.removeprefix("model/"): v
+        for k, v in tensors.items()
+        if k.startswith("model/")
+    }
 
 
 def load_checkpoint(
@@ -164,15 +165,9 @@ def load_checkpoint(
     Returns:
         ``(sidecar, extra_tensors)``.
     """
-    meta = json.loads(Path(sidecar).read_text(encoding="utf-8"))
-    tensors = load_file(str(Path(sidecar).with_name(meta["weights"])))
+    meta, tensors = _read(sidecar)
     device = next((t.device for t in model.state_dict().values()), None)
-    state = {
-        k.removeprefix("model/"): v
-        for k, v in tensors.items()
-        if k.startswith("model/")
-    }
-    model.load_state_dict(state)
+    model.load_state_dict(_model_state(tensors))
     if optimizer is not None:
         opt_state: dict[int, dict] = {}
         for key, value in tensors.items():
