@@ -1,7 +1,8 @@
 # lossgeom: two commands on a fresh machine.
 #   make demo   -- set up .venv, train a small model on sklearn digits, probe it
 #   make test   -- set up .venv, run the test suite (fast tests only)
-# TORCH_SPEC picks the torch build (default: the CPU wheel on this machine's disk).
+# TORCH_SPEC picks the torch build (default: the CPU wheel pinned below; a bare
+# 'torch' requirement would pull a multi-GB CUDA build).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -34,8 +35,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# The speed benchmarks of the README, each writing benchmarks/results/*.json.
+# spectra.py compares with PyHessian and curvlinops: installed without their
+# dependencies, which would replace torch. slices.py compares with loss-landscapes
+# when it is installed and skips it otherwise.
+BENCH_PEERS := pyhessian curvlinops-for-pytorch backpack-for-pytorch einops einconv \
+	linear_operator opt-einsum jaxtyping
+
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(BENCH_PEERS)
 	$(PY) benchmarks/hvp.py
+	$(PY) benchmarks/spectra.py
+	$(PY) benchmarks/slices.py
+	$(PY) benchmarks/gradient_noise.py
+	$(PY) benchmarks/train_callbacks.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

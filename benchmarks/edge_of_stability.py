@@ -57,7 +57,7 @@ def run(lr: float, steps: int | None = None, run_dir: Path | None = None) -> dic
         "late_ratio_max": max(ratios),
         "late_ratio_mean": sum(ratios) / len(ratios),
         "initial_sharpness": rows[0]["sharpness"],
-        "seconds": res.seconds,
+        "seconds": res.cost.seconds,
     }
 
 

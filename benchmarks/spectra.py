@@ -15,8 +15,8 @@ Methods, all in one run, counting Hessian-vector products:
   * curvlinops (``curvlinops-for-pytorch``) ``HessianLinearOperator`` with
     ``scipy.sparse.linalg.eigsh(k=5, which="LA")``, its tolerance lowered until the
     eigenvalues are as exact as lossgeom's;
-  * lossgeom ``eigenvalues(k=5, tol=1e-6)``, ``trace(n_matvecs=100)``,
-    ``density(n_probes, n_steps)``.
+  * lossgeom ``eigenvalues(k=5, tol=1e-6)``, ``trace(max_matvecs=100)``,
+    ``density(n_probes, lanczos_steps)``.
 
 Install the two baselines without their torchvision dependency (it would replace
 torch): ``pip install --no-deps pyhessian curvlinops-for-pytorch
@@ -202,7 +202,7 @@ def run_case(key, density_probes, density_steps):
     res = lg.eigenvalues(H, 5, tol=1e-6)
     row["lossgeom_top5"] = {
         "values": res.values.tolist(),
-        "matvecs": res.n_matvecs,
+        "matvecs": res.cost.matvecs,
         "seconds": time.perf_counter() - t,
         "converged": res.all_converged,
         "max_relative_residual": float(res.residuals.max() / res.spectral_scale),
@@ -214,7 +214,7 @@ def run_case(key, density_probes, density_steps):
         "value": tres.value,
         "stderr": tres.stderr,
         "method": tres.method,
-        "matvecs": tres.n_matvecs,
+        "matvecs": tres.cost.matvecs,
         "seconds": time.perf_counter() - t,
         "abs_err": abs(tres.value - trace_ref) if trace_ref else None,
         "within_2_stderr": abs(tres.value - trace_ref) <= 2 * tres.stderr
@@ -273,7 +273,7 @@ def run_case(key, density_probes, density_steps):
                 if err <= goal or tol == 1e-6:
                     row[f"lossgeom_top5_equal_accuracy_verify_{verify}"] = {
                         "tol": tol,
-                        "matvecs": r.n_matvecs,
+                        "matvecs": r.cost.matvecs,
                         "rel_err": err,
                         "seconds": time.perf_counter() - t,
                         "goal": goal,
@@ -293,7 +293,7 @@ def run_case(key, density_probes, density_steps):
     t = time.perf_counter()
     dens = lg.density(H, density_probes, density_steps)
     row["lossgeom_density"] = {
-        "matvecs": dens.n_matvecs,
+        "matvecs": dens.cost.matvecs,
         "seconds": time.perf_counter() - t,
     }
     row["density_probes_steps"] = [density_probes, density_steps]

@@ -61,18 +61,18 @@ def main() -> None:
     settings = {
         "cheap": {
             "every": args.every,
-            "trace_matvecs": 0,
+            "trace_max_matvecs": 0,
             "probe_samples": 128,
             "eval_samples": 512,
         },
         "cheap_tol_1e-2": {
             "every": args.every,
-            "trace_matvecs": 0,
+            "trace_max_matvecs": 0,
             "probe_samples": 128,
             "eval_samples": 512,
             "sharpness_tol": 1e-2,
         },
-        "default": {"every": args.every, "trace_matvecs": 0},
+        "default": {"every": args.every, "trace_max_matvecs": 0},
     }
     plain: list[float] = []
     probed: dict[str, list[float]] = {k: [] for k in settings}

@@ -75,8 +75,8 @@ def main() -> None:
         "explained_variance_ratio": pca.explained_variance_ratio.tolist(),
         "max_off_plane_distance": float(pca.residuals.max()),
         "path_length_scale": float(pca.coords.norm(dim=1).max()),
-        "plane_seconds": plane.seconds,
-        "n_points": plane.info["n_points"],
+        "plane_seconds": plane.cost.seconds,
+        "n_points": plane.parameters["n_points"],
     }
 
     # 2. 1-D filter-normalized slices with bands and the quadratic model.
@@ -89,7 +89,7 @@ def main() -> None:
         eval_data=(Xt, yt),
     )
     lg.plot_slice(s1, path=DOCS / "landscape_slices.png")
-    numbers["slices"] = {**s1.statistics(), "seconds": s1.seconds}
+    numbers["slices"] = {**s1.statistics(), "seconds": s1.cost.seconds}
     rays = lg.ray_curvature(obj, 64)
     numbers["ray_curvature"] = {
         "mean": rays.mean,
@@ -100,9 +100,9 @@ def main() -> None:
 
     # 3. Paths between the two solutions.
     theta_b = obj.flatten(dict(model_b.named_parameters()))
-    line = lg.interpolate(obj, obj.theta, theta_b, steps=21, eval_data=(Xt, yt))
-    aligned = lg.align(model_a, model_b, objective=obj, steps=21)
-    aligned_path = lg.interpolate(obj, obj.theta, aligned.theta, steps=21)
+    line = lg.interpolate(obj, obj.theta, theta_b, n_points=21, eval_data=(Xt, yt))
+    aligned = lg.align(model_a, model_b, obj=obj, n_points=21)
+    aligned_path = lg.interpolate(obj, obj.theta, aligned.theta, n_points=21)
     curve = lg.connect(obj, obj.theta, theta_b, "bezier", steps=400, seed=0)
     lg.plot_paths(
         [line, aligned_path, curve],

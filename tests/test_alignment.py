@@ -7,14 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from lossgeom import load_result, save_result
 from lossgeom.geometry import (
     AlignmentResult,
     PermutationGroup,
     align,
-    load_result,
     permutation_groups,
     permute_model,
-    save_result,
 )
 from lossgeom.zoo import cifar_resnet, cnn, mlp, model
 
@@ -362,7 +361,7 @@ def test_user_models_are_not_changed(name):
         last.weight.requires_grad_(False)
     before_a, before_b = state(a), state(b)
     y = torch.randint(0, 3, (5,))
-    res = align(a, b, loss_fn=nn.CrossEntropyLoss(), data=(x, y), steps=3)
+    res = align(a, b, loss_fn=nn.CrossEntropyLoss(), data=(x, y), n_points=3)
     permuted = res.permuted_model(b)
     assert same_state(before_a, state(a)) and same_state(before_b, state(b))
     # the copy keeps b's flags
@@ -409,12 +408,12 @@ def test_bad_settings_are_rejected():
     X, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
     with pytest.raises(ValueError, match="both loss_fn= and data="):
         align(a, b, loss_fn=nn.CrossEntropyLoss())
-    with pytest.raises(ValueError, match="steps must be"):
-        align(a, b, loss_fn=nn.CrossEntropyLoss(), data=(X, y), steps=1)
+    with pytest.raises(ValueError, match="n_points must be"):
+        align(a, b, loss_fn=nn.CrossEntropyLoss(), data=(X, y), n_points=1)
     with pytest.raises(ValueError, match="not model_a's"):
         from lossgeom import Objective
 
-        align(a, b, objective=Objective(b, nn.CrossEntropyLoss(), (X, y)))
+        align(a, b, obj=Objective(b, nn.CrossEntropyLoss(), (X, y)))
     with pytest.raises(ValueError, match="example input"):
         align(a, b, example_input=torch.randn(2, 5))
     groups = permutation_groups(a)
@@ -432,8 +431,8 @@ def test_barrier_vanishes_for_a_recovered_permutation():
     b = permute_model(a, random_permutations(permutation_groups(a, x), 2))
     X = torch.randn(40, 6, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
     y = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(6))
-    res = align(a, b, loss_fn=nn.CrossEntropyLoss(), data=(X, y), steps=5)
-    assert res.settings["recompute_norm"] is True
+    res = align(a, b, loss_fn=nn.CrossEntropyLoss(), data=(X, y), n_points=5)
+    assert res.parameters["recompute_norm"] is True
     assert res.barrier_after == pytest.approx(0.0, abs=1e-10)
     assert res.barrier_before > res.barrier_after
     assert res.ts.shape == res.loss_before.shape == res.loss_after.shape == (5,)
@@ -446,7 +445,7 @@ def test_result_saves_and_loads(tmp_path):
     a, x = make("resnet_skip_bn", 0)
     b, _ = make("resnet_skip_bn", 1)
     y = torch.randint(0, 3, (5,))
-    res = align(a, b, loss_fn=nn.CrossEntropyLoss(), data=(x, y), steps=3)
+    res = align(a, b, loss_fn=nn.CrossEntropyLoss(), data=(x, y), n_points=3)
     back = load_result(save_result(res, tmp_path / "aligned"))
     assert isinstance(back, AlignmentResult)
     assert torch.equal(back.theta, res.theta)
@@ -454,7 +453,7 @@ def test_result_saves_and_loads(tmp_path):
     assert all(
         torch.equal(back.permutations[k], v) for k, v in res.permutations.items()
     )
-    assert back.groups == res.groups and back.settings == res.settings
+    assert back.groups == res.groups and back.parameters == res.parameters
     assert back.barrier_before == res.barrier_before and torch.equal(
         back.loss_after, res.loss_after
     )

@@ -8,15 +8,13 @@ import torch
 from torch import nn
 
 import lossgeom as lg
-from lossgeom.geometry import load_result, save_result
-from lossgeom.geometry._curves import (
-    ConnectResult,
+from lossgeom import load_result, save_result
+from lossgeom.geometry._curve_training import (
     _curve_loss,
     _initial_bends,
     _minibatches,
-    connect,
-    curve_weights,
 )
+from lossgeom.geometry._curves import ConnectResult, connect, curve_weights
 
 F64 = torch.float64
 
@@ -77,8 +75,6 @@ def result_with(kind, C):
         history_step=torch.zeros(0, dtype=torch.int64),
         history_loss=torch.zeros(0, dtype=F64),
         steps=0,
-        seconds=0.0,
-        settings={},
     )
 
 
@@ -159,9 +155,9 @@ def test_training_gradient_matches_chain_rule_and_finite_differences(kind):
     ).requires_grad_(True)
     ts = torch.tensor([0.2, 0.55, 0.8], dtype=F64)
 
-    def loss(f, objective="mean"):
+    def loss(f, criterion="mean"):
         with obj.probe_mode(higher_order=False):
-            return _curve_loss(obj, kind, a, b, f, ts, X, y, objective)
+            return _curve_loss(obj, kind, a, b, f, ts, X, y, criterion)
 
     (got,) = torch.autograd.grad(loss(free), free)
     # chain rule: d/dc_k mean_j L(phi(t_j)) = mean_j w_k(t_j) grad L(phi(t_j))
@@ -199,8 +195,8 @@ def test_trained_curve_lowers_the_ring_barrier():
             lr=0.05,
             init_noise=0.1,
             seed=0,
-            objective=objective,
-            eval_points=41,
+            criterion=objective,
+            n_points=41,
         )
         assert math.isclose(res.linear_barrier, 1.0, rel_tol=1e-12)
         assert res.barrier < 0.15 * res.linear_barrier, (kind, bends, res.barrier)
@@ -216,7 +212,7 @@ def test_without_noise_a_symmetric_line_is_a_critical_path():
     # the ring is symmetric about the chord, so the gradient never leaves it
     obj = ring_objective()
     a = torch.tensor([-1.0, 0.0], dtype=F64)
-    res = connect(obj, a, -a, steps=50, lr=0.05, eval_points=11)
+    res = connect(obj, a, -a, steps=50, lr=0.05, n_points=11)
     assert torch.all(res.control_points[:, 1] == 0)
     assert res.barrier > 0.9
 
@@ -224,7 +220,7 @@ def test_without_noise_a_symmetric_line_is_a_critical_path():
 def test_seeded_runs_repeat():
     obj = ring_objective()
     a = torch.tensor([-1.0, 0.0], dtype=F64)
-    kw = dict(steps=20, lr=0.05, init_noise=0.1, eval_points=5)
+    kw = dict(steps=20, lr=0.05, init_noise=0.1, n_points=5)
     r1, r2 = connect(obj, a, -a, seed=5, **kw), connect(obj, a, -a, seed=5, **kw)
     r3 = connect(obj, a, -a, seed=6, **kw)
     assert torch.equal(r1.control_points, r2.control_points)
@@ -252,7 +248,7 @@ def test_iterable_data_under_no_grad_with_bn():
     a = obj.theta
     with torch.no_grad():
         res = connect(obj, a, a + 0.2, "polychain", 2, steps=12, batch_size=8)
-    assert res.settings["train_mode"] == "train"
+    assert res.parameters["train_mode"] == "train"
     assert len(res.history_step) == 12 and torch.isfinite(res.history_loss).all()
     assert torch.isfinite(res.loss).all() and res.control_points.shape == (4, obj.dim)
 
@@ -276,13 +272,13 @@ def test_model_unchanged_and_bn_curve_evaluated_with_recomputed_statistics():
     g = torch.Generator().manual_seed(0)
     a = obj.theta
     b = a + 0.3 * torch.randn(obj.dim, generator=g, dtype=F64)
-    res = connect(obj, a, b, steps=10, batch_size=16, lr=1e-2, eval_points=5)
+    res = connect(obj, a, b, steps=10, batch_size=16, lr=1e-2, n_points=5)
     after = snapshot(model)
     assert before[1] == after[1] and before[2] == after[2]
     for k in before[0]:
         assert torch.equal(before[0][k], after[0][k]), k
-    assert res.settings["train_mode"] == "train"
-    assert res.settings["recompute_norm"] is True
+    assert res.parameters["train_mode"] == "train"
+    assert res.parameters["recompute_norm"] is True
     assert res.accuracy is not None and res.linear_accuracy is not None
     # every evaluated point used BN statistics recomputed at that point
     for i in (0, 2, 4):
@@ -303,9 +299,9 @@ def test_no_bn_model_trains_in_the_objective_mode_without_recompute():
     obj, model, _ = mlp_objective()
     before = snapshot(model)
     a = obj.theta
-    res = connect(obj, a, a + 0.1, steps=5, eval_points=3, batch_size=None)
-    assert res.settings["train_mode"] == "eval"
-    assert res.settings["recompute_norm"] is False
+    res = connect(obj, a, a + 0.1, steps=5, n_points=3, batch_size=None)
+    assert res.parameters["train_mode"] == "eval"
+    assert res.parameters["recompute_norm"] is False
     after = snapshot(model)
     assert before[1:] == after[1:]
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
@@ -324,10 +320,11 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back(ts), res(ts))
     assert torch.equal(back.point(0.37), res.point(0.37))
     assert back.barrier == res.barrier and back.linear_barrier == res.linear_barrier
-    assert back.accuracy is None and back.settings == res.settings
+    assert back.accuracy is None and back.parameters == res.parameters
     assert torch.equal(back.history_loss, res.history_loss)
     d = back.to_dict()
-    assert d["kind"] == "polychain" and d["bends"] == 2 and "barrier_definition" in d
+    assert d["kind"] == "polychain" and d["bends"] == 2
+    assert d["definition"] == lg.geometry.BARRIER_DEFINITION
 
 
 def test_eval_data_gives_held_out_losses_along_the_curve():
@@ -337,7 +334,7 @@ def test_eval_data_gives_held_out_losses_along_the_curve():
     b = a + 0.5 * torch.randn(
         obj.dim, dtype=F64, generator=torch.Generator().manual_seed(3)
     )
-    res = connect(obj, a, b, steps=5, eval_points=5, eval_data=held)
+    res = connect(obj, a, b, steps=5, n_points=5, eval_data=held)
     assert res.eval_loss is not None and res.eval_loss.shape == (5,)
     assert res.linear_eval_loss is not None
     # Held-out loss at each point: BatchNorm statistics from the objective's data.
@@ -370,8 +367,8 @@ def test_bad_input_errors():
         (dict(bends=True), r"bends must be an integer"),
         (dict(steps=0), r"steps must be an integer >= 1"),
         (dict(curve="spline"), r"unknown curve kind 'spline'.*polychain"),
-        (dict(objective="max"), r"objective must be one of"),
-        (dict(eval_points=1), r"eval_points must be an integer >= 2"),
+        (dict(criterion="max"), r"criterion must be one of"),
+        (dict(n_points=1), r"n_points must be an integer >= 2"),
         (dict(lr=-1.0), r"lr must be a positive"),
         (dict(init_noise=-0.1), r"init_noise must be"),
         (dict(train_mode="test"), r"train_mode must be one of"),

@@ -52,7 +52,7 @@ def test_trained_curve_removes_the_barrier_between_two_cnns_on_digits(
     a clear barrier, a trained Bezier curve lowers it by at least 75%."""
     obj, theta_b = two_cnns
     res = connect(
-        obj, obj.theta, theta_b, curve, 1, steps=steps, objective=objective, seed=0
+        obj, obj.theta, theta_b, curve, 1, steps=steps, criterion=objective, seed=0
     )
     print(
         f"\n{curve} ({objective}, {steps} steps), CNN width 8 (d={obj.dim}), digits "
@@ -60,7 +60,7 @@ def test_trained_curve_removes_the_barrier_between_two_cnns_on_digits(
         f"accuracy {res.linear_accuracy.min():.3f}), curve barrier {res.barrier:.4f} "
         f"at t={res.barrier_t:.2f} (min accuracy {res.accuracy.min():.3f}), "
         f"reduction {res.barrier_reduction:.1%}; end losses {res.loss[0]:.4g}, "
-        f"{res.loss[-1]:.4g}; {res.seconds:.1f} s"
+        f"{res.loss[-1]:.4g}; {res.cost.seconds:.1f} s"
     )
     # the ends are good solutions (statistics recomputed, as on the whole path)
     assert res.accuracy[0] > 0.95 and res.accuracy[-1] > 0.95

@@ -47,6 +47,15 @@ def test_demo_writes_consistent_results(tmp_path):
         res["density"]["plot"] == png.name
         and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     )
+    # training curves: recorded every few steps, the last row is the trained model
+    curves = res["training"]["curves"]
+    assert curves[0]["step"] == 0 and curves[-1]["step"] == 150
+    assert curves[-1]["train_accuracy"] == m["train_accuracy"]
+    assert curves[-1]["test_accuracy"] == m["test_accuracy"]
+    assert curves[-1]["train_loss"] < curves[0]["train_loss"]
+    png = tmp_path / "training.png"
+    assert res["training"]["curves_figure"] == png.name
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the SLQ negative fraction agrees with the exact count
     exact_neg = s["n_below_1pct_of_lambda_max"] / s["d"]
     dn = res["density"]

@@ -12,18 +12,20 @@ import torch
 from torch import nn
 
 import lossgeom as lg
-from lossgeom.measures import (
+from lossgeom.linalg import (
     DenseProjection,
     FastfoodProjection,
     SparseProjection,
+    fwht,
+    random_projection,
+)
+from lossgeom.measures import (
     TrajectoryRecorder,
     effective_dimension,
-    fwht,
     intrinsic_dimension,
-    random_projection,
     subspace_train,
 )
-from lossgeom.measures._dimension import _adam
+from lossgeom.objective import minimize
 
 F64 = torch.float64
 KINDS = ["dense", "sparse", "fastfood"]
@@ -350,16 +352,35 @@ def test_adam_matches_torch_optim():
         return (A @ z - b).square().sum() + z.abs().pow(3).sum()
 
     z = torch.zeros(5, dtype=F64)
-    last = _adam(z, loss_of, steps=40, lr=0.05)
+    log = minimize(z, lambda _, z: loss_of(z), steps=40, lr=0.05, log_every=8)
     w = torch.zeros(5, dtype=F64, requires_grad=True)
     opt = torch.optim.Adam([w], lr=0.05)
+    losses = []
     for _ in range(40):
         opt.zero_grad()
         ref_loss = loss_of(w)
+        losses.append(float(ref_loss.detach()))
         ref_loss.backward()
         opt.step()
     torch.testing.assert_close(z, w.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(last, ref_loss.detach())
+    torch.testing.assert_close(log.last_loss, ref_loss.detach())
+    # the log holds the mean loss of each window of 8 steps
+    assert log.steps == [8, 16, 24, 32, 40] and log.steps_taken == 40
+    windows = [sum(losses[i : i + 8]) / 8 for i in range(0, 40, 8)]
+    assert log.losses == pytest.approx(windows, rel=1e-12)
+
+
+def test_minimize_stops_at_a_nonfinite_window():
+    z = torch.ones(2, dtype=F64)
+    log = minimize(
+        z,
+        lambda t, z: z.sum() * (math.inf if t == 7 else 1.0),
+        steps=50,
+        lr=0.1,
+        log_every=5,
+    )
+    assert log.steps == [5, 10] and log.steps_taken == 10 and not log.finite
+    assert log.window() == (6, 10)
 
 
 @pytest.fixture(scope="module")
@@ -421,7 +442,7 @@ def test_intrinsic_dimension_search(blobs):
     assert all(r["dim"] < grid[-1] for r in res.runs if r["stage"] == "bisection")
     # accuracy grows with d across the grid (from chance-like to the target)
     assert acc[grid[-1]] > acc[1] + 0.2
-    assert res.cost["runs"] == len(res.runs) and res.cost["seconds"] > 0
+    assert res.cost.counters["runs"] == len(res.runs) and res.cost.seconds > 0
     out = json.loads(json.dumps(res.to_dict()))
     assert out["d_int"] == res.d_int and out["parameters"]["seed"] == 0
     # a given reference skips the full training; an impossible target is reported
@@ -472,3 +493,13 @@ def test_intrinsic_dimension_bad_input(blobs):
             regression, nn.MSELoss(), (X, y[:, None].double()),
             (X, y[:, None].double()), **call,
         )  # fmt: skip
+
+
+def test_projections_live_in_linalg_and_stay_reachable_from_measures():
+    import lossgeom.linalg.projections as projections
+    import lossgeom.measures as measures
+
+    for name in ("DenseProjection", "FastfoodProjection", "Projection", "fwht"):
+        assert getattr(measures, name) is getattr(projections, name)
+    assert lg.random_projection is projections.random_projection
+    assert projections.fwht.__module__ == "lossgeom.linalg.projections"

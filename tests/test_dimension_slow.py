@@ -42,7 +42,7 @@ def test_digits_mlp_d_int90_reproducible_across_seeds():
             f"reference={res.reference_accuracy:.4f} d_int90={res.d_int90} "
             f"bracket=({res.lower}, {res.d_int}] "
             f"runs={list(zip(res.dims, [round(a, 3) for a in res.accuracies], strict=True))} "
-            f"seconds={res.cost['seconds']:.1f}"
+            f"seconds={res.cost.seconds:.1f}"
         )
         assert res.found and res.lower is not None  # bracketed, not a grid edge
         assert res.consistent

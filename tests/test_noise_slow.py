@@ -54,7 +54,7 @@ def test_gradient_concentrates_in_top_hessian_subspace(seed):
 
     def probe(obj):
         res = gradient_fraction(obj, k=10, tol=1e-6)
-        assert res.converged.all() and res.error < 0.05
+        assert res.converged.all() and res.bound < 0.05
         return {"fraction": res.value, "dim": obj.dim}
 
     rows = sgd_checkpoints("relu", 0.5, seed, steps, probe)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def small(**over) -> dict:
         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
         "steps": 40,
         "batch_size": 32,
-        "metrics": {"every": 10, "probe_samples": 128, "trace_matvecs": 40},
+        "metrics": {"every": 10, "probe_samples": 128, "trace_max_matvecs": 40},
         "checkpoint": {"every": 20},
     }
     for key, value in over.items():
@@ -202,7 +203,7 @@ def test_resume_after_a_real_kill_reaches_the_same_weights(tmp_path):
     checkpoint; resuming ends with the weights of an uninterrupted run."""
     cfg = small(
         steps=300,
-        metrics={"every": 1, "trace_matvecs": 0, "probe_samples": 64},
+        metrics={"every": 1, "trace_max_matvecs": 0, "probe_samples": 64},
         checkpoint={"every": 25},
         optim={"name": "adam", "lr": 0.01, "momentum": 0},
         model={"name": "mlp", "options": {"width": 16, "depth": 1}},
@@ -370,7 +371,7 @@ def test_adaptive_step_size_is_c_over_lambda_max(tmp_path):
             },
             metrics={
                 "every": 10,
-                "trace_matvecs": 0,
+                "trace_max_matvecs": 0,
                 "sharpness_tol": 1e-6,
                 "sharpness_max_matvecs": 200,
             },
@@ -430,11 +431,13 @@ def test_augment_crops_and_flips():
 
 def test_gradient_checkpointing_and_bf16(tmp_path):
     base = lg.train(
-        small(steps=10, metrics={"every": 10, "trace_matvecs": 0}), tmp_path / "a"
+        small(steps=10, metrics={"every": 10, "trace_max_matvecs": 0}), tmp_path / "a"
     )
     ckpt = lg.train(
         small(
-            steps=10, grad_checkpointing=True, metrics={"every": 10, "trace_matvecs": 0}
+            steps=10,
+            grad_checkpointing=True,
+            metrics={"every": 10, "trace_max_matvecs": 0},
         ),
         tmp_path / "b",
     )
@@ -480,7 +483,7 @@ def test_domain_shifted_test_split(tmp_path):
 def test_keep_last_prunes_periodic_checkpoints_only(tmp_path):
     res = lg.train(
         small(
-            metrics={"every": 40, "trace_matvecs": 0},
+            metrics={"every": 40, "trace_max_matvecs": 0},
             checkpoint={"every": 10, "steps": [15], "keep_last": 1},
         ),
         tmp_path / "k",
@@ -534,7 +537,10 @@ def test_measures_run_as_callbacks(tmp_path):
             "sharpness": False,
             "probe_samples": 64,
             "measures": [
-                {"name": "effective_rank", "options": {"n_probes": 4, "n_steps": 12}},
+                {
+                    "name": "effective_rank",
+                    "options": {"n_probes": 4, "lanczos_steps": 12},
+                },
                 {
                     "name": "logdet",
                     "options": {"shift": 1e3, "n_probes": 4},
@@ -606,3 +612,144 @@ def test_update_dimension_is_tracked_while_training(tmp_path):
         lg.train(
             dict(cfg, metrics={"update_dimension": {"threshold": 1.5}}), tmp_path / "b"
         )
+
+
+# ------------------------------------------------------------------ callbacks
+class Recorder(lg.train.Callback):
+    """Every hook call with its step, and what the state held at it."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+        self.rows: list[dict] = []
+        self.updates: list[tuple[float, float]] = []
+
+    def on_train_start(self, state):
+        self.events.append(("start", state.step))
+
+    def on_step(self, state):
+        assert state.row is None and state.hessian is None
+        self.events.append(("step", state.step))
+        self.updates.append((state.lr, state.batch_loss))
+
+    def on_eval(self, state):
+        self.events.append(("eval", state.step))
+        self.rows.append(dict(state.row))
+
+    def on_train_end(self, state):
+        final = state.run_dir / "checkpoints" / f"step_{state.step:07d}.json"
+        status = json.loads((state.run_dir / "status.json").read_text())["status"]
+        self.events.append(("end", state.step, state.status, final.is_file(), status))
+
+
+def expected_events(start: int, steps: int, every: int) -> list[tuple]:
+    """The documented hook order of a run that finishes."""
+    events: list[tuple] = [("start", start)]
+    for s in range(start, steps):
+        if s % every == 0:
+            events.append(("eval", s))
+        events.append(("step", s + 1))
+    return [*events, ("eval", steps), ("end", steps, "finished", True, "running")]
+
+
+class WeightNorm(lg.train.Callback):
+    def on_eval(self, state):
+        flat = torch.cat([p.detach().flatten() for p in state.model.parameters()])
+        state.row["weight_norm"] = float(flat.norm())
+
+
+def test_user_callbacks_see_the_hooks_in_order(run, tmp_path):
+    rec = Recorder()
+    res = lg.train(small(), tmp_path / "r", callbacks=[rec])
+    assert rec.events == expected_events(0, 40, 10)
+    assert sum(e[0] == "step" for e in rec.events) == 40
+    assert sum(e[0] == "eval" for e in rec.events) == 5
+    # user callbacks run after the built-in ones: the row holds their columns
+    for row, written in zip(rec.rows, res.metrics, strict=True):
+        assert row == written
+    assert all(lr == 0.1 and math.isfinite(loss) for lr, loss in rec.updates)
+    assert [r["batch_loss"] for r in rec.rows[1:]] == [
+        rec.updates[s - 1][1] for s in (10, 20, 30, 40)
+    ]
+    # a callback that only reads changes nothing
+    assert numbers(res.metrics) == numbers(run.metrics)
+    for k, v in weights(run).items():
+        assert torch.equal(v, res.model.state_dict()[k]), k
+
+
+def test_user_callbacks_after_a_resume_and_on_a_finished_run(run, tmp_path):
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run.run_dir, crashed)
+    for suffix in (".json", ".safetensors"):
+        (crashed / "checkpoints" / f"step_0000040{suffix}").unlink()
+    (crashed / "status.json").write_text(json.dumps({"status": "running", "step": 33}))
+    rec = Recorder()
+    res = lg.train(small(), crashed, callbacks=[rec])
+    assert res.resumed_from == 20
+    assert rec.events == expected_events(20, 40, 10)
+    assert numbers(res.metrics) == numbers(run.metrics)
+    done = Recorder()
+    lg.train(small(), crashed, callbacks=[done])
+    assert done.events == []  # nothing to do: no hook fires
+
+
+def test_a_user_callback_adds_a_metrics_column(run, tmp_path):
+    res = lg.train(small(), tmp_path / "w", callbacks=[WeightNorm()])
+    rows = MetricsLog(res.run_dir / "metrics.jsonl").read()
+    assert [r["step"] for r in rows] == [0, 10, 20, 30, 40]
+    assert all(isinstance(r["weight_norm"], float) for r in rows)
+    final = torch.cat([p.detach().flatten() for p in res.model.parameters()])
+    assert rows[-1]["weight_norm"] == float(final.norm())
+    without = [{k: v for k, v in r.items() if k != "weight_norm"} for r in rows]
+    assert numbers(without) == numbers(run.metrics)
+
+
+def test_bad_callbacks_are_clear_errors(tmp_path):
+    for callbacks, match in (
+        (WeightNorm(), "a list of Callback instances"),
+        ([WeightNorm], r"pass WeightNorm\(\) instead"),
+        ([lambda state: None], "has no hooks"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            lg.train(small(), tmp_path / "r", callbacks=callbacks)
+        assert not (tmp_path / "r").exists()
+
+    class Overwrites(lg.train.Callback):
+        def on_eval(self, state):
+            state.row["sharpness"] = 0.0
+
+    with pytest.raises(ValueError, match=r"changed or removed .*\['sharpness'\]"):
+        lg.train(small(), tmp_path / "o", callbacks=[Overwrites()])
+
+    class NotJSON(lg.train.Callback):
+        def on_eval(self, state):
+            state.row["model"] = state.model
+
+    with pytest.raises(TypeError, match="column 'model' holding Sequential"):
+        lg.train(small(), tmp_path / "j", callbacks=[NotJSON()])
+
+
+def test_divergence_reaches_the_callbacks(tmp_path):
+    class FailsAt20(Recorder):
+        def on_eval(self, state):
+            super().on_eval(state)
+            if state.step == 20:
+                raise lg.NonFiniteError("a probe met NaN")
+
+    rec = FailsAt20()
+    res = lg.train(small(), tmp_path / "probe", callbacks=[rec])
+    assert res.status == "diverged" and res.step == 20
+    assert rec.events[-2:] == [("eval", 20), ("end", 20, "diverged", True, "diverged")]
+    assert [r["step"] for r in res.metrics] == [0, 10]  # the failed row is not written
+    status = json.loads((tmp_path / "probe" / "status.json").read_text())
+    assert status["reason"] == "a probe met NaN"
+
+    rec = Recorder()
+    res = lg.train(
+        small(optim={"name": "gd", "lr": 1e4, "momentum": 0}, steps=200, loss="mse"),
+        tmp_path / "loss",
+        callbacks=[rec],
+    )
+    assert res.status == "diverged"
+    steps = [e[1] for e in rec.events if e[0] == "step"]
+    assert steps == list(range(1, res.step + 1))  # no hook for the failed update
+    assert rec.events[-1][:3] == ("end", res.step, "diverged")

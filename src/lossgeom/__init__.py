@@ -5,6 +5,7 @@ from lossgeom import measures as measures  # subpackage: lg.measures
 from lossgeom import testing as testing  # subpackage: lg.testing
 from lossgeom import train as train  # callable subpackage: lg.train(config)
 from lossgeom import zoo as zoo  # subpackage: lg.zoo
+from lossgeom._results import Cost, Result, load_result, save_result
 from lossgeom.curvature import (
     GGNOperator,
     GradientCovarianceOperator,
@@ -19,6 +20,7 @@ from lossgeom.curvature import (
     ggn,
     gradient_covariance,
     hessian,
+    hessian_directions,
     logdet,
     negative_mass,
     outliers,
@@ -34,20 +36,14 @@ from lossgeom.geometry import (
     Surface,
     align,
     connect,
-    hessian_directions,
     interpolate,
-    load_result,
     normalize_direction,
     orthogonalize,
     pca_directions,
     permutation_groups,
-    plot_paths,
-    plot_slice,
-    plot_surface,
     random_direction,
     random_directions,
     ray_curvature,
-    save_result,
     slice_1d,
     slice_2d,
 )
@@ -81,11 +77,23 @@ from lossgeom.measures import (
     sharpness,
 )
 from lossgeom.objective import Counters, NonFiniteError, Objective
+from lossgeom.report import (
+    plot_density,
+    plot_paths,
+    plot_slice,
+    plot_surface,
+    plot_training,
+)
 from lossgeom.train import TrainConfig, TrainResult, load_config
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # results
+    "Cost",
+    "Result",
+    "load_result",
+    "save_result",
     # objective
     "Counters",
     "NonFiniteError",
@@ -127,18 +135,13 @@ __all__ = [
     "connect",
     "hessian_directions",
     "interpolate",
-    "load_result",
     "normalize_direction",
     "orthogonalize",
     "pca_directions",
     "permutation_groups",
-    "plot_paths",
-    "plot_slice",
-    "plot_surface",
     "random_direction",
     "random_directions",
     "ray_curvature",
-    "save_result",
     "slice_1d",
     "slice_2d",
     # measures (lossgeom.measures holds the rest)
@@ -161,6 +164,12 @@ __all__ = [
     "quadratic_prediction",
     "random_projection",
     "sharpness",
+    # figures (lossgeom.report holds the rest)
+    "plot_density",
+    "plot_paths",
+    "plot_slice",
+    "plot_surface",
+    "plot_training",
     # training (lossgeom.train holds the rest; lg.train is the function)
     "TrainConfig",
     "TrainResult",

@@ -17,7 +17,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     """Yield a temp path beside ``path``; on success it is synced and renamed onto it.
 
     Readers see the old file or the new one, never half of one; on an error the
-    temp file is removed and ``path`` is untouched. ``suffix`` lets writers that
+    temp file is removed and ``path`` is untouched. The file's permissions follow
+    the umask, as for ``open``. ``suffix`` lets writers that
     pick a format by extension (e.g. matplotlib) see the right one.
     """
     path = Path(path)
@@ -26,12 +27,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; follow the umask
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -42,5 +50,5 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, data: object) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write ``data`` as indented strict JSON (no NaN or infinity), atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")

@@ -61,7 +61,7 @@ def train_cmd(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
     typer.echo(
-        f"{result.status} at step {result.step} in {result.seconds:.1f} s; "
+        f"{result.status} at step {result.step} in {result.cost.seconds:.1f} s; "
         f"run directory {result.run_dir}"
     )
     if result.status != "finished":

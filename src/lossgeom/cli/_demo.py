@@ -8,25 +8,31 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import lossgeom as lg
-from lossgeom._io import atomic_path, atomic_write_json
+from lossgeom.report import write_json
 from lossgeom.zoo import digits, mlp
 
 __all__ = ["format_table", "run_demo"]
 
 
-def _accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+def _evaluate(
+    model: nn.Module, loss_fn: nn.Module, data: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[float, float]:
+    """``(loss, accuracy)`` of the model on ``data``, in eval mode."""
+    X, y = data
     flag = model.training
     model.eval()
     with torch.no_grad():
-        acc = (model(X).argmax(1) == y).double().mean().item()
+        out = model(X)
+        loss, acc = loss_fn(out, y).item(), (out.argmax(1) == y).double().mean().item()
     model.train(flag)
-    return acc
+    return loss, acc
 
 
 def _median_seconds(fn, repeats: int = 5) -> float:
@@ -61,12 +67,7 @@ def run_demo(
     Returns:
         The results dictionary written to ``out/results.json``.
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0; got {steps}.")
-    if n_directions < 2:
-        raise ValueError(
-            f"n_directions must be >= 2 for an error bar; got {n_directions}."
-        )
+    _check_settings(steps, n_directions)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -76,21 +77,129 @@ def run_demo(
     loss_fn = nn.CrossEntropyLoss()
 
     theta_init = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, X.shape[0], (128,), generator=gen)
-        opt.zero_grad()
-        loss_fn(model(X[idx]), y[idx]).backward()
-        opt.step()
-    train_seconds = time.perf_counter() - start
+    curves, train_seconds = _train(model, loss_fn, (X, y), (Xt, yt), steps, seed)
 
     # Probe in float64: the copy leaves the float32 model as trained.
     obj = lg.Objective(model, loss_fn, (X, y), dtype=torch.float64)
     test_obj = lg.Objective(model, loss_fn, (Xt, yt), dtype=torch.float64)
     probe_start = time.perf_counter()
+    probes = _probe(obj, n_directions, seed)
+
+    results: dict = {
+        "model": f"MLP 64-{width}-10 tanh",
+        "data": "sklearn digits (train split for probes)",
+        "training": {
+            "optimizer": "SGD(lr=0.05, momentum=0.9), batch 128",
+            "steps": steps,
+            "seconds": round(train_seconds, 3),
+            "seed": seed,
+            "curves": curves,
+            "curves_figure": _figure(
+                lambda f: lg.plot_training(curves, path=f), out / "training.png"
+            ),
+        },
+        "objective": obj.info(),
+        "metrics": _metrics(probes, curves, test_obj, n_directions),
+        "definitions": {
+            "curvature_along_gradient": "u.H u with u = g/|g|",
+            "mean_curvature_random": "mean of v.Hv over unit Gaussian directions v; "
+            "an unbiased estimate of tr(H)/d",
+            "gradient_noise_trace": "tr(Sigma), Sigma = (1/N) sum_i (g_i - g)(g_i - g)^T, exact",
+            "noise_scale_simple": "B_simple = tr(Sigma) / |g|^2 (McCandlish et al. 2018)",
+        },
+        "cost": probes.cost,
+    }
+    if dense:
+        results["dense_spectrum"], results["checks"] = _dense(probes, obj.dim)
+    results["density"] = _density(probes.H, probes.top, seed, out)
+    results["landscape"] = _landscape(obj, theta_init, (Xt, yt), out, seed)
+    results["measures"] = _measures(obj, seed)
+    results["work"] = obj.counters.to_dict()
+    results["probe_seconds"] = round(time.perf_counter() - probe_start, 3)
+    results["machine"] = _machine()
+    write_json(out / "results.json", results)
+    return results
+
+
+def _check_settings(steps: int, n_directions: int) -> None:
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}.")
+    if n_directions < 2:
+        raise ValueError(
+            f"n_directions must be >= 2 for an error bar; got {n_directions}."
+        )
+
+
+def _train(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    seed: int,
+) -> tuple[list[dict], float]:
+    """SGD on ``train``; the training curves and the seconds spent training.
+
+    Loss and accuracy on both sets are recorded every few steps and at the end;
+    the time spent recording them does not count as training.
+    """
+    X, y = train
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    every = max(1, steps // 30)
+    curves: list[dict] = []
+    eval_seconds = 0.0
+
+    def record(step: int) -> None:
+        nonlocal eval_seconds
+        tick = time.perf_counter()
+        train_loss, train_acc = _evaluate(model, loss_fn, train)
+        test_loss, test_acc = _evaluate(model, loss_fn, test)
+        curves.append(
+            {
+                "step": step,
+                "lr": lr,
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "test_loss": test_loss,
+                "test_accuracy": test_acc,
+            }
+        )
+        eval_seconds += time.perf_counter() - tick
+
+    start = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        if step % every == 0:
+            record(step)
+        idx = torch.randint(0, X.shape[0], (128,), generator=gen)
+        opt.zero_grad()
+        loss_fn(model(X[idx]), y[idx]).backward()
+        opt.step()
+    record(steps)
+    return curves, time.perf_counter() - start - eval_seconds
+
+
+@dataclass
+class _Probes:
+    """Curvature at the trained parameters, and what the products cost."""
+
+    loss: float
+    g_norm: float
+    H: lg.HessianOperator
+    curv_grad: float
+    ggn_grad: float
+    mean_curv: float
+    mean_curv_se: float
+    top: lg.EigenResult
+    tr: lg.TraceResult
+    trace_sigma: float
+    cost: dict
+
+
+def _probe(obj: lg.Objective, n_directions: int, seed: int) -> _Probes:
+    """Gradient, curvature along it and at random, top eigenvalues, trace, noise."""
     loss, g = obj.loss_and_grad()
     g_norm = g.norm().item()
     H = lg.hessian(obj)
@@ -118,103 +227,114 @@ def run_demo(
     grad_s = _median_seconds(lambda: obj.grad())
     hvp_s = _median_seconds(lambda: obj.hvp(v1))
     hvp8_s = _median_seconds(lambda: obj.hvp(V[:, :8].contiguous()))
-
-    results: dict = {
-        "model": f"MLP 64-{width}-10 tanh",
-        "data": "sklearn digits (train split for probes)",
-        "training": {
-            "optimizer": "SGD(lr=0.05, momentum=0.9), batch 128",
-            "steps": steps,
-            "seconds": round(train_seconds, 3),
-            "seed": seed,
-        },
-        "objective": obj.info(),
-        "metrics": {
-            "train_loss": loss,
-            "train_accuracy": _accuracy(model, X, y),
-            "test_loss": test_obj.loss(),
-            "test_accuracy": _accuracy(model, Xt, yt),
-            "grad_norm": g_norm,
-            "curvature_along_gradient": curv_grad,
-            "ggn_curvature_along_gradient": ggn_grad,
-            "mean_curvature_random": mean_curv,
-            "mean_curvature_random_stderr": mean_curv_se,
-            "n_random_directions": n_directions,
-            "top_eigenvalues": top.values.tolist(),
-            "top_eigenvalue_residuals": top.residuals.tolist(),
-            "top_eigenvalues_converged": top.all_converged,
-            "top_eigenvalues_matvecs": top.n_matvecs,
-            "hessian_trace": tr.value,
-            "hessian_trace_stderr": tr.stderr,
-            "hessian_trace_method": tr.method,
-            "hessian_trace_matvecs": tr.n_matvecs,
-            "gradient_noise_trace": trace_sigma,
-            "noise_scale_simple": trace_sigma / g_norm**2,
-        },
-        "definitions": {
-            "curvature_along_gradient": "u.H u with u = g/|g|",
-            "mean_curvature_random": "mean of v.Hv over unit Gaussian directions v; "
-            "an unbiased estimate of tr(H)/d",
-            "gradient_noise_trace": "tr(Sigma), Sigma = (1/N) sum_i (g_i - g)(g_i - g)^T, exact",
-            "noise_scale_simple": "B_simple = tr(Sigma) / |g|^2 (McCandlish et al. 2018)",
-        },
-        "cost": {
-            "grad_seconds": grad_s,
-            "hvp_seconds": hvp_s,
-            "hvp_over_grad": hvp_s / grad_s,
-            "hvp_block8_seconds": hvp8_s,
-            "block8_speedup_over_8_single": 8 * hvp_s / hvp8_s,
-        },
+    cost = {
+        "grad_seconds": grad_s,
+        "hvp_seconds": hvp_s,
+        "hvp_over_grad": hvp_s / grad_s,
+        "hvp_block8_seconds": hvp8_s,
+        "block8_speedup_over_8_single": 8 * hvp_s / hvp8_s,
     }
-    if dense:
-        dense_start = time.perf_counter()
-        evals = torch.linalg.eigvalsh(H.to_dense(chunk_size=128))
-        lam_max = evals[-1].item()
-        results["dense_spectrum"] = {
-            "lambda_max": lam_max,
-            "lambda_min": evals[0].item(),
-            "trace": evals.sum().item(),
-            "trace_over_d": evals.sum().item() / obj.dim,
-            "n_negative": int((evals < -1e-8 * abs(lam_max)).sum()),
-            "n_below_1pct_of_lambda_max": int((evals < -0.01 * lam_max).sum()),
-            "d": obj.dim,
-            "seconds": round(time.perf_counter() - dense_start, 3),
-        }
-        exact = results["dense_spectrum"]["trace_over_d"]
-        results["checks"] = {
-            "mean_curvature_vs_exact_in_stderrs": (mean_curv - exact) / mean_curv_se,
-            "trace_vs_exact_in_stderrs": (tr.value - float(evals.sum())) / tr.stderr,
-            "top_eigenvalues_max_relative_error": float(
-                ((top.values - evals.flip(0)[:5]).abs() / evals.flip(0)[:5].abs()).max()
-            ),
-        }
+    return _Probes(
+        loss=loss,
+        g_norm=g_norm,
+        H=H,
+        curv_grad=curv_grad,
+        ggn_grad=ggn_grad,
+        mean_curv=mean_curv,
+        mean_curv_se=mean_curv_se,
+        top=top,
+        tr=tr,
+        trace_sigma=trace_sigma,
+        cost=cost,
+    )
+
+
+def _metrics(
+    p: _Probes, curves: list[dict], test_obj: lg.Objective, n_directions: int
+) -> dict:
+    """The numbers of the trained model (``results["metrics"]``)."""
+    return {
+        "train_loss": p.loss,
+        "train_accuracy": curves[-1]["train_accuracy"],
+        "test_loss": test_obj.loss(),
+        "test_accuracy": curves[-1]["test_accuracy"],
+        "grad_norm": p.g_norm,
+        "curvature_along_gradient": p.curv_grad,
+        "ggn_curvature_along_gradient": p.ggn_grad,
+        "mean_curvature_random": p.mean_curv,
+        "mean_curvature_random_stderr": p.mean_curv_se,
+        "n_random_directions": n_directions,
+        "top_eigenvalues": p.top.values.tolist(),
+        "top_eigenvalue_residuals": p.top.residuals.tolist(),
+        "top_eigenvalues_converged": p.top.all_converged,
+        "top_eigenvalues_matvecs": p.top.cost.matvecs,
+        "hessian_trace": p.tr.value,
+        "hessian_trace_stderr": p.tr.stderr,
+        "hessian_trace_method": p.tr.method,
+        "hessian_trace_matvecs": p.tr.cost.matvecs,
+        "gradient_noise_trace": p.trace_sigma,
+        "noise_scale_simple": p.trace_sigma / p.g_norm**2,
+    }
+
+
+def _dense(p: _Probes, dim: int) -> tuple[dict, dict]:
+    """The exact spectrum of the dense Hessian, and the estimates compared with it.
+
+    Building the dense Hessian takes ``dim`` products.
+    """
+    dense_start = time.perf_counter()
+    evals = torch.linalg.eigvalsh(p.H.to_dense(chunk_size=128))
+    lam_max = evals[-1].item()
+    spectrum = {
+        "lambda_max": lam_max,
+        "lambda_min": evals[0].item(),
+        "trace": evals.sum().item(),
+        "trace_over_d": evals.sum().item() / dim,
+        "n_negative": int((evals < -1e-8 * abs(lam_max)).sum()),
+        "n_below_1pct_of_lambda_max": int((evals < -0.01 * lam_max).sum()),
+        "d": dim,
+        "seconds": round(time.perf_counter() - dense_start, 3),
+    }
+    exact = spectrum["trace_over_d"]
+    checks = {
+        "mean_curvature_vs_exact_in_stderrs": (p.mean_curv - exact) / p.mean_curv_se,
+        "trace_vs_exact_in_stderrs": (p.tr.value - float(evals.sum())) / p.tr.stderr,
+        "top_eigenvalues_max_relative_error": float(
+            ((p.top.values - evals.flip(0)[:5]).abs() / evals.flip(0)[:5].abs()).max()
+        ),
+    }
+    return spectrum, checks
+
+
+def _density(H: lg.HessianOperator, top: lg.EigenResult, seed: int, out: Path) -> dict:
+    """The SLQ spectral density and the fraction of clearly negative eigenvalues."""
     dens = lg.density(H, 10, 80, seed=seed)
     neg_threshold = 0.01 * float(top.values[0])
     neg = lg.negative_mass(H, neg_threshold, seed=seed)
-    results["density"] = {
+    return {
         "method": "slq",
         "n_probes": 10,
         "n_steps": 80,
-        "n_matvecs": dens.n_matvecs,
+        "n_matvecs": dens.cost.matvecs,
         "negative_fraction": neg.value,
         "negative_fraction_stderr": neg.stderr,
         "negative_threshold": neg_threshold,
         "negative_definition": neg.definition + " (threshold = 1% of lambda_max)",
-        "plot": _plot_density(dens, top.values, out / "spectral_density.png"),
+        "plot": _figure(
+            lambda f: lg.plot_density(dens, top, path=f), out / "spectral_density.png"
+        ),
     }
-    results["landscape"] = _landscape(obj, theta_init, (Xt, yt), out, seed)
-    results["measures"] = _measures(obj, seed)
-    results["work"] = obj.counters.to_dict()
-    results["probe_seconds"] = round(time.perf_counter() - probe_start, 3)
-    results["machine"] = {
+
+
+def _machine() -> dict:
+    """The versions and the platform the demo ran on."""
+    return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lossgeom": lg.__version__,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
     }
-    atomic_write_json(out / "results.json", results)
-    return results
 
 
 def _landscape(obj, theta_init, test, out: Path, seed: int) -> dict:
@@ -225,17 +345,20 @@ def _landscape(obj, theta_init, test, out: Path, seed: int) -> dict:
     )
     plane = lg.slice_2d(obj, "filter", alphas=grid, betas=grid, seed=seed)
     init = theta_init.to(dtype=obj.dtype, device=obj.device)
-    path = lg.interpolate(obj, init, obj.theta, steps=21, eval_data=test)
-    figures = {}
-    try:
-        lg.plot_slice(band, path=out / "loss_slices.png")
-        lg.plot_surface(plane, path=out / "loss_plane.png", log=True)
-        lg.plot_paths(path, labels=["initialisation -> trained"], path=out / "path.png")
-        figures = {k: str(out / f) for k, f in (("slices", "loss_slices.png"),
-                                                ("plane", "loss_plane.png"),
-                                                ("path", "path.png"))}  # fmt: skip
-    except ImportError:
-        pass  # matplotlib is optional
+    path = lg.interpolate(obj, init, obj.theta, n_points=21, eval_data=test)
+    drawn = {
+        "slices": _figure(
+            lambda f: lg.plot_slice(band, path=f), out / "loss_slices.png"
+        ),
+        "plane": _figure(
+            lambda f: lg.plot_surface(plane, path=f, log=True), out / "loss_plane.png"
+        ),
+        "path": _figure(
+            lambda f: lg.plot_paths(path, labels=["initialisation -> trained"], path=f),
+            out / "path.png",
+        ),
+    }
+    figures = {k: str(out / name) for k, name in drawn.items() if name is not None}
     stats = band.statistics()
     return {
         "directions": band.directions,
@@ -265,7 +388,7 @@ def _measures(obj, seed: int) -> dict:
         "adaptive_average_sharpness_r0.05": adaptive.value,
         "adaptive_average_sharpness_stderr": adaptive.stderr,
         "gradient_fraction_top10": fraction.value,
-        "gradient_fraction_error": fraction.error,
+        "gradient_fraction_bound": fraction.bound,
         "definitions": {
             "worst": worst.definition,
             "average": average.definition,
@@ -275,47 +398,32 @@ def _measures(obj, seed: int) -> dict:
     }
 
 
-def _plot_density(dens, top: torch.Tensor, path: Path) -> str | None:
-    """Write the density (log scale) with the top eigenvalues marked; None without matplotlib."""
+def _figure(draw, path: Path) -> str | None:
+    """Draw a figure to ``path``; its file name, or None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        draw(path)
     except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.semilogy(
-        dens.grid.cpu(), dens.values.cpu().clamp_min(1e-8), lw=1.2, label="SLQ density"
-    )
-    for i, v in enumerate(top.tolist()):
-        ax.axvline(
-            v,
-            color="tab:red",
-            lw=0.8,
-            ls="--",
-            label="top-5 (Lanczos)" if i == 0 else None,
-        )
-    ax.set_xlabel("eigenvalue of the Hessian")
-    ax.set_ylabel("density")
-    ax.set_title(
-        f"Hessian spectral density ({dens.info['n_probes']} probes x {dens.info['n_steps']} steps, sigma={dens.sigma:.1e})",
-        fontsize=8,
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+        return None  # matplotlib is optional
     return path.name
 
 
 def format_table(results: dict) -> str:
     """A plain-text table of the demo's numbers."""
-    m = results["metrics"]
     rows = [
+        *_metric_rows(results),
+        *_dense_rows(results),
+        *_density_rows(results),
+        *_landscape_rows(results),
+        *_cost_rows(results),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _metric_rows(results: dict) -> list[tuple[str, str]]:
+    """The trained model and the curvature probes."""
+    m = results["metrics"]
+    return [
         ("model", results["model"]),
         ("parameters d", str(results["objective"]["dim"])),
         (
@@ -343,38 +451,52 @@ def format_table(results: dict) -> str:
         ("tr(Sigma) gradient noise (exact)", f"{m['gradient_noise_trace']:.4e}"),
         ("noise scale B_simple", f"{m['noise_scale_simple']:.1f}"),
     ]
-    if "dense_spectrum" in results:
-        s = results["dense_spectrum"]
-        rows += [
-            (
-                "exact lambda_max / lambda_min",
-                f"{s['lambda_max']:.4e} / {s['lambda_min']:.4e}",
-            ),
-            ("exact tr(H)/d", f"{s['trace_over_d']:.4e}"),
-            ("negative eigenvalues", f"{s['n_negative']} of {s['d']}"),
-            (
-                "random-direction tr(H)/d - exact, in stderrs",
-                f"{results['checks']['mean_curvature_vs_exact_in_stderrs']:+.2f}",
-            ),
-            (
-                "trace estimate - exact, in stderrs",
-                f"{results['checks']['trace_vs_exact_in_stderrs']:+.2f}",
-            ),
-            (
-                "top-5 max relative error vs exact",
-                f"{results['checks']['top_eigenvalues_max_relative_error']:.1e}",
-            ),
-        ]
+
+
+def _dense_rows(results: dict) -> list[tuple[str, str]]:
+    """The exact spectrum and the estimates compared with it (with ``dense``)."""
+    if "dense_spectrum" not in results:
+        return []
+    s = results["dense_spectrum"]
+    return [
+        (
+            "exact lambda_max / lambda_min",
+            f"{s['lambda_max']:.4e} / {s['lambda_min']:.4e}",
+        ),
+        ("exact tr(H)/d", f"{s['trace_over_d']:.4e}"),
+        ("negative eigenvalues", f"{s['n_negative']} of {s['d']}"),
+        (
+            "random-direction tr(H)/d - exact, in stderrs",
+            f"{results['checks']['mean_curvature_vs_exact_in_stderrs']:+.2f}",
+        ),
+        (
+            "trace estimate - exact, in stderrs",
+            f"{results['checks']['trace_vs_exact_in_stderrs']:+.2f}",
+        ),
+        (
+            "top-5 max relative error vs exact",
+            f"{results['checks']['top_eigenvalues_max_relative_error']:.1e}",
+        ),
+    ]
+
+
+def _density_rows(results: dict) -> list[tuple[str, str]]:
+    """The negative part of the spectral density, and the figures drawn."""
     dn = results["density"]
-    rows += [
+    return [
         (
             f"eigenvalues < -1% lambda_max (SLQ, {dn['n_probes']}x{dn['n_steps']})",
             f"{dn['negative_fraction']:.3f} +- {dn['negative_fraction_stderr']:.3f} of d",
         ),
         ("spectral density plot", str(dn["plot"])),
+        ("training curves", str(results["training"]["curves_figure"])),
     ]
+
+
+def _landscape_rows(results: dict) -> list[tuple[str, str]]:
+    """Slices, the path from the initialisation, sharpness."""
     ls, ms = results["landscape"], results["measures"]
-    rows += [
+    return [
         (
             "filter-normalized slices (8): excess variation",
             f"{ls['slice_excess_variation']:.3f} (0 = one basin per slice)",
@@ -392,8 +514,12 @@ def format_table(results: dict) -> str:
         ),
         ("landscape figures", ", ".join(Path(f).name for f in ls["figures"].values())),
     ]
+
+
+def _cost_rows(results: dict) -> list[tuple[str, str]]:
+    """What the products cost, and how they were computed."""
     c = results["cost"]
-    rows += [
+    return [
         ("HVP time / gradient time", f"{c['hvp_over_grad']:.2f}"),
         ("8 vectors batched vs 8 single", f"{c['block8_speedup_over_8_single']:.2f}x"),
         (
@@ -401,5 +527,3 @@ def format_table(results: dict) -> str:
             f"{results['objective']['hvp_backend']} / {results['objective']['mode']} / {results['objective']['dtype']}",
         ),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,6 +1,7 @@
 """Layer 2: curvature operators of an Objective and their summaries."""
 
 from lossgeom.curvature._base import ObjectiveOperator
+from lossgeom.curvature.directions import hessian_directions
 from lossgeom.curvature.ggn import GGNOperator, ggn
 from lossgeom.curvature.gradient_covariance import (
     GradientCovarianceOperator,
@@ -41,5 +42,6 @@ __all__ = [
     "ggn",
     "gradient_covariance",
     "hessian",
+    "hessian_directions",
     "trace",
 ]

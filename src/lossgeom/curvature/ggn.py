@@ -109,11 +109,11 @@ def _ggn_reverse(
     return torch.stack(cols, dim=1)
 
 
-def ggn(objective: Objective, theta: Tensor | None = None) -> GGNOperator:
-    """The generalized Gauss-Newton matrix of ``objective`` at ``theta``.
+def ggn(obj: Objective, theta: Tensor | None = None) -> GGNOperator:
+    """The generalized Gauss-Newton matrix of ``obj`` at ``theta``.
 
     Args:
-        objective: the objective.
+        obj: the objective.
         theta: parameters (default: the model's); copied.
 
     Returns:
@@ -127,4 +127,4 @@ def ggn(objective: Objective, theta: Tensor | None = None) -> GGNOperator:
         >>> torch.allclose(ggn(obj).to_dense(), 2 * X.T @ X / 30)  # linear model: G = H
         True
     """
-    return GGNOperator(objective, theta)
+    return GGNOperator(obj, theta)

@@ -148,17 +148,17 @@ class GradientCovarianceOperator(ObjectiveOperator):
 
 
 def gradient_covariance(
-    objective: Objective,
+    obj: Objective,
     theta: Tensor | None = None,
     *,
     centered: bool = True,
     ddof: int = 0,
     cache_bytes: int | None = _DEFAULT_CACHE_BYTES,
 ) -> GradientCovarianceOperator:
-    r"""The covariance of per-sample gradients of ``objective`` at ``theta``.
+    r"""The covariance of per-sample gradients of ``obj`` at ``theta``.
 
     Args:
-        objective: the objective (in ``mode="eval"``).
+        obj: the objective (in ``mode="eval"``).
         theta: parameters (default: the model's); copied.
         centered: subtract the mean gradient (``False``: empirical Fisher).
         ddof: divide by ``N - ddof``.
@@ -180,5 +180,5 @@ def gradient_covariance(
         True
     """
     return GradientCovarianceOperator(
-        objective, theta, centered=centered, ddof=ddof, cache_bytes=cache_bytes
+        obj, theta, centered=centered, ddof=ddof, cache_bytes=cache_bytes
     )

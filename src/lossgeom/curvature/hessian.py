@@ -143,15 +143,15 @@ class HessianOperator(ObjectiveOperator):
 
 
 def hessian(
-    objective: Objective,
+    obj: Objective,
     theta: Tensor | None = None,
     *,
     cache_bytes: int | None = _DEFAULT_CACHE_BYTES,
 ) -> HessianOperator:
-    """The Hessian of ``objective`` at ``theta`` (default: the model's parameters).
+    """The Hessian of ``obj`` at ``theta`` (default: the model's parameters).
 
     Args:
-        objective: the objective.
+        obj: the objective.
         theta: parameters; copied, so later training does not change the operator.
         cache_bytes: memory budget for keeping the gradient's graph between
             products (``None``: never keep it; every product recomputes).
@@ -167,4 +167,4 @@ def hessian(
         >>> torch.allclose(hessian(obj).to_dense(), 2 * X.T @ X / 30)
         True
     """
-    return HessianOperator(objective, theta, cache_bytes=cache_bytes)
+    return HessianOperator(obj, theta, cache_bytes=cache_bytes)

@@ -4,34 +4,22 @@ from lossgeom.geometry._alignment import AlignmentResult, align
 from lossgeom.geometry._curves import ConnectResult, connect, curve_weights
 from lossgeom.geometry._directions import (
     PCADirections,
-    hessian_directions,
-    normalize_direction,
     orthogonalize,
     pca_directions,
     random_direction,
     random_directions,
 )
 from lossgeom.geometry._paths import BARRIER_DEFINITION, PathResult, interpolate
-from lossgeom.geometry._permutations import (
-    PermutationGroup,
-    permutation_groups,
-    permute_model,
-)
-from lossgeom.geometry._plots import plot_paths, plot_slice, plot_surface
-from lossgeom.geometry._slices import (
-    RayCurvature,
-    SliceResult,
-    Surface,
-    ray_curvature,
-    slice_1d,
-    slice_2d,
-)
-from lossgeom.geometry._store import load_result, save_result
+from lossgeom.geometry._permutation_graph import PermutationGroup
+from lossgeom.geometry._permutations import permutation_groups, permute_model
+from lossgeom.geometry._ray_curvature import RayCurvature, ray_curvature
+from lossgeom.geometry._slice_results import SliceResult, Surface
+from lossgeom.geometry._slices import slice_1d, slice_2d
+from lossgeom.objective import normalize_direction
 
 __all__ = [
     # directions
     "PCADirections",
-    "hessian_directions",
     "normalize_direction",
     "orthogonalize",
     "pca_directions",
@@ -58,11 +46,4 @@ __all__ = [
     "align",
     "permutation_groups",
     "permute_model",
-    # figures
-    "plot_paths",
-    "plot_slice",
-    "plot_surface",
-    # results
-    "load_result",
-    "save_result",
 ]

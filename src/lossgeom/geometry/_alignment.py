@@ -14,16 +14,16 @@ graph (:mod:`lossgeom.geometry._permutations`).
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from lossgeom._results import CostMeter, Result
 from lossgeom.geometry._permutations import (
     PermutationGroup,
     _derive,
@@ -32,7 +32,6 @@ from lossgeom.geometry._permutations import (
     _plan,
     permute_model,
 )
-from lossgeom.geometry._store import saveable
 from lossgeom.objective import Objective
 
 __all__ = ["AlignmentResult", "align"]
@@ -40,9 +39,8 @@ __all__ = ["AlignmentResult", "align"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-@saveable
 @dataclass(frozen=True)
-class AlignmentResult:
+class AlignmentResult(Result):
     """Network ``b`` permuted to match network ``a``, and what it gained.
 
     Attributes:
@@ -67,8 +65,9 @@ class AlignmentResult:
         ts: the path grid (``None`` without data).
         loss_before: loss along the line to ``b`` at ``ts`` (``None`` without data).
         loss_after: loss along the line to the permuted ``b``.
-        seconds: wall-clock time, alignment and barriers together.
-        settings: the arguments of :func:`align` and the objective's description.
+        definition, parameters, details, cost: as for every
+            :class:`~lossgeom.Result`; ``parameters`` holds the arguments of
+            :func:`align` and the objective's description.
     """
 
     theta: Tensor
@@ -87,8 +86,23 @@ class AlignmentResult:
     ts: Tensor | None
     loss_before: Tensor | None
     loss_after: Tensor | None
-    seconds: float
-    settings: dict
+    definition: str = field(
+        default="weight matching (Ainsworth, Hayase and Srinivasa 2023): the "
+        "permutation of b's hidden units maximising sum <theta_a, pi(theta_b)>, "
+        "by coordinate descent over permutation groups; barriers as "
+        "lossgeom.geometry.BARRIER_DEFINITION",
+        kw_only=True,
+    )
+    bulky: ClassVar[tuple[str, ...]] = ("theta", "permutations")
+
+    def scalars(self) -> dict[str, float]:
+        """The barrier after alignment (``value``) and before, where measured."""
+        out: dict[str, float] = {}
+        if self.barrier_after is not None:
+            out["value"] = float(self.barrier_after)
+            out["barrier_before"] = float(self.barrier_before)
+        out["distance_after"] = self.distance_after
+        return out
 
     def permuted_model(self, model_b: nn.Module) -> nn.Module:
         """A deep copy of ``model_b`` (the model aligned) with the permutations applied.
@@ -97,32 +111,6 @@ class AlignmentResult:
         """
         return permute_model(model_b, self.permutations, self.groups)
 
-    def to_dict(self) -> dict:
-        """Plain values for JSON (``theta`` and the permutations left out)."""
-
-        def floats(x: Tensor | None) -> list[float] | None:
-            return None if x is None else [float(v) for v in x.tolist()]
-
-        return {
-            "n_groups": len(self.groups),
-            "group_sizes": {g["name"]: g["size"] for g in self.groups},
-            "n_sweeps": self.n_sweeps,
-            "converged": self.converged,
-            "objective_before": self.objective_before,
-            "objective_after": self.objective_after,
-            "distance_before": self.distance_before,
-            "distance_after": self.distance_after,
-            "barrier_before": self.barrier_before,
-            "barrier_after": self.barrier_after,
-            "eval_barrier_before": self.eval_barrier_before,
-            "eval_barrier_after": self.eval_barrier_after,
-            "ts": floats(self.ts),
-            "loss_before": floats(self.loss_before),
-            "loss_after": floats(self.loss_after),
-            "seconds": self.seconds,
-            "settings": self.settings,
-        }
-
 
 def align(
     model_a: nn.Module,
@@ -130,9 +118,9 @@ def align(
     *,
     loss_fn: LossFn | None = None,
     data: object = None,
-    objective: Objective | None = None,
+    obj: Objective | None = None,
     eval_data: object = None,
-    steps: int = 25,
+    n_points: int = 25,
     recompute_norm: bool | None = None,
     example_input: Tensor | None = None,
     max_sweeps: int = 100,
@@ -152,10 +140,10 @@ def align(
     matrices are computed in float64 on the models' device.
 
     **Barriers.** With data, the loss along the straight lines from ``a`` to
-    ``b`` and from ``a`` to the permuted ``b`` is evaluated at ``steps`` points
+    ``b`` and from ``a`` to the permuted ``b`` is evaluated at ``n_points`` points
     with :func:`~lossgeom.geometry.interpolate`. Pass either ``loss_fn`` and
     ``data`` (an ``Objective(model_a, loss_fn, data)`` in eval mode is built) or
-    ``objective``, an :class:`~lossgeom.Objective` built on ``model_a`` (or a
+    ``obj``, an :class:`~lossgeom.Objective` built on ``model_a`` (or a
     copy of it in another dtype; the objective's parameters must equal
     ``model_a``'s). ``recompute_norm`` (default: when the model has BatchNorm
     and the objective is in eval mode) recomputes BatchNorm statistics at every
@@ -172,10 +160,10 @@ def align(
         model_b: the network to permute; same architecture as ``model_a``.
         loss_fn: ``loss_fn(outputs, targets)``, with ``data``, for barriers.
         data: ``(inputs, targets)`` or anything :class:`Objective` accepts.
-        objective: an objective on ``model_a`` instead of ``loss_fn``/``data``.
+        obj: an objective on ``model_a`` instead of ``loss_fn``/``data``.
         eval_data: a second data set (e.g. held-out data) on which the paths
             are also evaluated (``eval_barrier_before/after``).
-        steps: points on each path, ends included (``>= 2``).
+        n_points: points on each path, ends included (``>= 2``).
         recompute_norm: recompute BatchNorm statistics along the paths.
         example_input: an input batch for tracing shapes and the check (default:
             the first samples of the data, else a guess, see
@@ -204,22 +192,13 @@ def align(
         >>> torch.allclose(res.permuted_model(b)(x), b(x), atol=1e-6)
         True
     """
-    start = time.perf_counter()
+    meter = CostMeter()  # the objective is built below; time only
     _check_models(model_a, model_b)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(
-            f"steps must be an int >= 2 (points on each path); got {steps!r}."
-        )
-    if (
-        isinstance(max_sweeps, bool)
-        or not isinstance(max_sweeps, int)
-        or max_sweeps < 1
-    ):
-        raise ValueError(f"max_sweeps must be an int >= 1; got {max_sweeps!r}.")
-    obj = _objective(model_a, loss_fn, data, objective)
+    _check_settings(n_points, max_sweeps)
+    obj = _objective(model_a, loss_fn, data, obj)
     if eval_data is not None and obj is None:
         raise ValueError(
-            "eval_data= needs loss_fn= and data= (or objective=) as well: the paths "
+            "eval_data= needs loss_fn= and data= (or obj=) as well: the paths "
             "are evaluated on both data sets."
         )
     if example_input is None and obj is not None:
@@ -238,39 +217,9 @@ def align(
     theta_b = _flat(model_b)
     theta_p = _flat(permuted)
     da, db, dp = theta_a.double(), theta_b.double(), theta_p.double()
-    barrier_before = barrier_after = eval_before = eval_after = None
-    ts = loss_before = loss_after = None
-    used_recompute = None
+    paths = _Paths()
     if obj is not None:
-        from lossgeom.geometry._paths import interpolate  # written alongside
-
-        used_recompute = (
-            obj.has_norm_statistics and obj.mode == "eval"
-            if recompute_norm is None
-            else bool(recompute_norm)
-        )
-        end_a = obj.theta
-        before = interpolate(
-            obj,
-            end_a,
-            theta_b.to(obj.device, obj.dtype),
-            steps=steps,
-            recompute_norm=used_recompute,
-            eval_data=eval_data,
-        )
-        after = interpolate(
-            obj,
-            end_a,
-            theta_p.to(obj.device, obj.dtype),
-            steps=steps,
-            recompute_norm=used_recompute,
-            eval_data=eval_data,
-        )
-        barrier_before, barrier_after = float(before.barrier), float(after.barrier)
-        ts, loss_before, loss_after = before.ts, before.loss, after.loss
-        if before.eval_barrier is not None:
-            eval_before = float(before.eval_barrier)
-            eval_after = float(after.eval_barrier)
+        paths = _paths(obj, theta_b, theta_p, n_points, recompute_norm, eval_data)
 
     return AlignmentResult(
         theta=theta_p,
@@ -282,22 +231,93 @@ def align(
         objective_after=float(da @ dp),
         distance_before=float((da - db).norm()),
         distance_after=float((da - dp).norm()),
-        barrier_before=barrier_before,
-        barrier_after=barrier_after,
-        eval_barrier_before=eval_before,
-        eval_barrier_after=eval_after,
-        ts=ts,
-        loss_before=loss_before,
-        loss_after=loss_after,
-        seconds=time.perf_counter() - start,
-        settings={
+        barrier_before=paths.barrier_before,
+        barrier_after=paths.barrier_after,
+        eval_barrier_before=paths.eval_barrier_before,
+        eval_barrier_after=paths.eval_barrier_after,
+        ts=paths.ts,
+        loss_before=paths.loss_before,
+        loss_after=paths.loss_after,
+        cost=meter.stop(),
+        parameters={
             "method": "weight_matching",
-            "steps": steps,
-            "recompute_norm": used_recompute,
+            "n_points": n_points,
+            "recompute_norm": paths.recompute_norm,
             "max_sweeps": max_sweeps,
             "seed": seed,
             "objective": None if obj is None else obj.info(),
         },
+    )
+
+
+def _check_settings(n_points: object, max_sweeps: object) -> None:
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
+        raise ValueError(
+            f"n_points must be an int >= 2 (points on each path); got {n_points!r}."
+        )
+    if (
+        isinstance(max_sweeps, bool)
+        or not isinstance(max_sweeps, int)
+        or max_sweeps < 1
+    ):
+        raise ValueError(f"max_sweeps must be an int >= 1; got {max_sweeps!r}.")
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """The straight lines from ``a`` to ``b`` and to the permuted ``b`` (or none)."""
+
+    barrier_before: float | None = None
+    barrier_after: float | None = None
+    eval_barrier_before: float | None = None
+    eval_barrier_after: float | None = None
+    ts: Tensor | None = None
+    loss_before: Tensor | None = None
+    loss_after: Tensor | None = None
+    recompute_norm: bool | None = None
+
+
+def _paths(
+    obj: Objective,
+    theta_b: Tensor,
+    theta_p: Tensor,
+    n_points: int,
+    recompute_norm: bool | None,
+    eval_data: object,
+) -> _Paths:
+    """Loss along the lines from ``obj``'s parameters to ``b`` and to the permuted ``b``."""
+    from lossgeom.geometry._paths import interpolate  # written alongside
+
+    used_recompute = (
+        obj.has_norm_statistics and obj.mode == "eval"
+        if recompute_norm is None
+        else bool(recompute_norm)
+    )
+    end_a = obj.theta
+    before, after = (
+        interpolate(
+            obj,
+            end_a,
+            end_b.to(obj.device, obj.dtype),
+            n_points=n_points,
+            recompute_norm=used_recompute,
+            eval_data=eval_data,
+        )
+        for end_b in (theta_b, theta_p)
+    )
+    eval_before = eval_after = None
+    if before.eval_barrier is not None:
+        eval_before = float(before.eval_barrier)
+        eval_after = float(after.eval_barrier)
+    return _Paths(
+        barrier_before=float(before.barrier),
+        barrier_after=float(after.barrier),
+        eval_barrier_before=eval_before,
+        eval_barrier_after=eval_after,
+        ts=before.ts,
+        loss_before=before.loss,
+        loss_after=after.loss,
+        recompute_norm=used_recompute,
     )
 
 
@@ -430,12 +450,12 @@ def _objective(
     if objective is not None:
         if loss_fn is not None or data is not None:
             raise ValueError(
-                "pass either objective= or loss_fn= and data=, not both; the "
+                "pass either obj= or loss_fn= and data=, not both; the "
                 "objective already holds a loss and data."
             )
         if not isinstance(objective, Objective):
             raise TypeError(
-                f"expected objective to be a lossgeom.Objective; got {type(objective).__name__}."
+                f"expected obj to be a lossgeom.Objective; got {type(objective).__name__}."
             )
         names = [n for n, p in model_a.named_parameters() if p.requires_grad]
         if objective.names != names or not torch.equal(
@@ -448,7 +468,7 @@ def _objective(
         return objective
     if (loss_fn is None) != (data is None):
         raise ValueError(
-            "barriers need both loss_fn= and data= (or objective=); got only "
+            "barriers need both loss_fn= and data= (or obj=); got only "
             + ("loss_fn." if data is None else "data.")
         )
     if loss_fn is None:

@@ -15,76 +15,51 @@ curve with a few trainable control points joins them at low loss. A curve is
 
 :func:`connect` trains the control points by stochastic gradient descent on
 ``E_t[L(phi(t))]`` (or on a maximum over ``t``), then evaluates the curve and the
-straight line on a grid of ``t`` and reports both barriers.
+straight line on a grid of ``t`` and reports both barriers. The weights are in
+:mod:`lossgeom.geometry._curve_basis`, the training steps in
+:mod:`lossgeom.geometry._curve_training`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
-import warnings
-from collections.abc import Generator, Iterator, Sequence
-from contextlib import closing
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from lossgeom._results import CostMeter, Result, jsonable
+from lossgeom.geometry._curve_basis import (
+    CURVES,
+    CurveKind,
+    _check_int,
+    _check_kind,
+    curve_weights,
+)
+from lossgeom.geometry._curve_training import (
+    _initial_bends,
+    _objective_in_mode,
+    _train_curve,
+)
 from lossgeom.geometry._evaluation import barrier, evaluate_points, second_objective
 from lossgeom.geometry._paths import BARRIER_DEFINITION, interpolate
-from lossgeom.geometry._store import save_result, saveable
-from lossgeom.linalg._operator import NonFiniteError
 from lossgeom.objective import Objective
 
 __all__ = ["CURVES", "ConnectResult", "connect", "curve_weights"]
 
-CurveKind = Literal["bezier", "polychain"]
-CURVES: tuple[str, ...] = ("bezier", "polychain")
-_OBJECTIVES = ("mean", "minimax")
+_CRITERIA = ("mean", "minimax")
 _TRAIN_MODES = ("auto", "train", "eval")
 
 
-def curve_weights(kind: str, t: Tensor, n_ctrl: int) -> Tensor:
-    """Weights of the control points at parameters ``t``: ``phi(t) = W @ C``.
-
-    Args:
-        kind: ``"bezier"`` (Bernstein polynomials of degree ``n_ctrl - 1``) or
-            ``"polychain"`` (hat functions with knots at ``i / (n_ctrl - 1)``).
-        t: curve parameters in ``[0, 1]``, shape ``(m,)``.
-        n_ctrl: number of control points, the two ends included (``>= 2``).
-
-    Returns:
-        ``W`` of shape ``(m, n_ctrl)``; every row sums to one.
-
-    Example:
-        >>> t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
-        >>> curve_weights("bezier", t, 3).tolist()
-        [[1.0, 0.0, 0.0], [0.25, 0.5, 0.25], [0.0, 0.0, 1.0]]
-        >>> curve_weights("polychain", t, 3).tolist()
-        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
-    """
-    _check_kind(kind)
-    _check_int("n_ctrl", n_ctrl, 2, "control points, the two ends included")
-    n = n_ctrl - 1
-    t = t.reshape(-1, 1)
-    k = torch.arange(n_ctrl, device=t.device, dtype=t.dtype)
-    if kind == "bezier":
-        binom = t.new_tensor([math.comb(n, i) for i in range(n_ctrl)])
-        return binom * t**k * (1 - t) ** (n - k)
-    return (1 - (t * n - k).abs()).clamp_min(0)
-
-
-@saveable
 @dataclass(frozen=True, eq=False)
-class ConnectResult:
+class ConnectResult(Result):
     """A trained curve between two parameter vectors, and the loss along it.
 
     The curve is callable: ``result(t)`` (or ``result.point(t)``) gives the
     parameters at ``t`` from :attr:`control_points`, so it survives
-    :func:`~lossgeom.geometry.save_result` / ``load_result``.
+    :func:`~lossgeom.save_result` / :func:`~lossgeom.load_result`.
 
     Attributes:
         control_points: ``(n_ctrl, d)``, the fixed ends first and last, on the
@@ -105,12 +80,12 @@ class ConnectResult:
         history_step: training steps at which the loss was logged.
         history_loss: mean training (minibatch) loss since the previous log.
         steps: training steps taken.
-        seconds: wall-clock time of training and evaluation.
         eval_loss: loss along the curve on the second evaluation set
             (``eval_data``; ``None`` without one), ``eval_barrier`` its barrier.
         linear_eval_loss: the straight line on that set, ``linear_eval_barrier``.
-        settings: the arguments of :func:`connect` and the objective's
-            description, for the record.
+        definition, parameters, details, cost: as for every
+            :class:`~lossgeom.Result`; ``parameters`` holds the arguments of
+            :func:`connect` and the objective's description.
     """
 
     control_points: Tensor
@@ -126,12 +101,27 @@ class ConnectResult:
     history_step: Tensor
     history_loss: Tensor
     steps: int
-    seconds: float
-    settings: dict
     eval_loss: Tensor | None = None
     eval_barrier: float | None = None
     linear_eval_loss: Tensor | None = None
     linear_eval_barrier: float | None = None
+    definition: str = field(default=BARRIER_DEFINITION, kw_only=True)
+    bulky: ClassVar[tuple[str, ...]] = ("control_points",)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As for every result, with ``bends`` and ``barrier_reduction`` added."""
+        out = super().to_dict()
+        out["bends"] = self.bends
+        out["barrier_reduction"] = jsonable(self.barrier_reduction)
+        return out
+
+    def scalars(self) -> dict[str, float]:
+        """The curve's barrier (``value``), the line's, and the reduction."""
+        return {
+            "value": self.barrier,
+            "linear_barrier": self.linear_barrier,
+            "barrier_reduction": self.barrier_reduction,
+        }
 
     @property
     def bends(self) -> int:
@@ -175,36 +165,6 @@ class ConnectResult:
 
     __call__ = point
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write to the folder ``path`` (safetensors + JSON); see ``load_result``."""
-        return save_result(self, path)
-
-    def to_dict(self) -> dict:
-        """Plain numbers for JSON (the control points left out)."""
-
-        def floats(x: Tensor | None) -> list[float] | None:
-            return None if x is None else [float(v) for v in x.tolist()]
-
-        return {
-            "kind": self.kind,
-            "bends": self.bends,
-            "barrier": self.barrier,
-            "barrier_t": self.barrier_t,
-            "linear_barrier": self.linear_barrier,
-            "barrier_reduction": self.barrier_reduction,
-            "barrier_definition": BARRIER_DEFINITION,
-            "ts": floats(self.ts),
-            "loss": floats(self.loss),
-            "accuracy": floats(self.accuracy),
-            "linear_loss": floats(self.linear_loss),
-            "linear_accuracy": floats(self.linear_accuracy),
-            "history_step": [int(s) for s in self.history_step.tolist()],
-            "history_loss": floats(self.history_loss),
-            "steps": self.steps,
-            "seconds": self.seconds,
-            "settings": self.settings,
-        }
-
 
 def connect(
     obj: Objective,
@@ -216,12 +176,12 @@ def connect(
     steps: int = 1000,
     lr: float = 1e-2,
     batch_size: int | None = 128,
-    objective: Literal["mean", "minimax"] = "mean",
+    criterion: Literal["mean", "minimax"] = "mean",
     t_samples: int | None = None,
     init_noise: float = 0.0,
     train_mode: Literal["auto", "train", "eval"] = "auto",
     recompute_norm: bool | None = None,
-    eval_points: int = 21,
+    n_points: int = 21,
     log_every: int | None = None,
     chunk_size: int | None | str = "auto",
     seed: int = 0,
@@ -241,9 +201,9 @@ def connect(
     **Training.** Each step draws a minibatch and ``t ~ U(0, 1)`` (a seeded
     generator on the objective's device), evaluates the loss at ``phi(t)`` with
     :meth:`Objective.batch_loss` and takes an Adam step (learning rate ``lr``) on
-    the trainable control points only. With ``objective="mean"`` (the paper's
+    the trainable control points only. With ``criterion="mean"`` (the paper's
     ``E_t L(phi(t))``) ``t_samples`` parameters (default 1) are drawn per step and
-    their losses averaged. With ``objective="minimax"`` ``t_samples`` (default 4)
+    their losses averaged. With ``criterion="minimax"`` ``t_samples`` (default 4)
     stratified parameters ``t_j ~ U(j/k, (j+1)/k)`` are drawn and the step
     minimises the *largest* of their losses on the minibatch (a hard max: the
     gradient is that of the worst point), pushing down the peak of the path.
@@ -262,7 +222,7 @@ def connect(
     objective is in eval mode) from the objective's data.
 
     **Barrier.** ``max_t loss(t) - ((1 - t) loss(0) + t loss(1))`` over the
-    ``eval_points`` grid (Frankle et al. 2020; Entezari et al. 2021), for the
+    ``n_points`` grid (Frankle et al. 2020; Entezari et al. 2021), for the
     curve and, through :func:`~lossgeom.geometry.interpolate`, for the line.
 
     The model is never changed: parameters, buffers, ``requires_grad`` and
@@ -279,7 +239,7 @@ def connect(
             are a few units apart; lower it if the training loss diverges.
         batch_size: samples per training step (``None``: whole batches of the
             objective).
-        objective: ``"mean"`` (expected loss over ``t``) or ``"minimax"``
+        criterion: ``"mean"`` (expected loss over ``t``) or ``"minimax"``
             (largest loss of ``t_samples`` stratified ``t`` per step).
         t_samples: curve parameters per step (default 1 for ``"mean"``, 4 for
             ``"minimax"``).
@@ -288,7 +248,7 @@ def connect(
             ``"eval"`` mode of the model while training.
         recompute_norm: recompute BatchNorm statistics at every evaluated point
             (``None``: when the model has BatchNorm and ``obj.mode == "eval"``).
-        eval_points: grid points from 0 to 1 for the final evaluation (``>= 2``).
+        n_points: grid points from 0 to 1 for the final evaluation (``>= 2``).
         log_every: steps between entries of the training history (default:
             ``max(1, steps // 100)``).
         chunk_size: points per vectorised evaluation (see
@@ -310,25 +270,111 @@ def connect(
         >>> from lossgeom.zoo import surface
         >>> obj = lg.Objective(*surface("double_well"))
         >>> a = torch.tensor([-1.0, 0.0], dtype=torch.float64)
-        >>> res = connect(obj, a, -a, steps=5, eval_points=5)
+        >>> res = connect(obj, a, -a, steps=5, n_points=5)
         >>> res(0.0).tolist(), res.linear_barrier
         ([-1.0, 0.0], 1.0)
     """
+    t_samples = _check_settings(
+        curve,
+        bends,
+        steps,
+        n_points,
+        batch_size,
+        log_every,
+        criterion,
+        t_samples,
+        train_mode,
+        lr,
+        init_noise,
+    )
+    a = _check_end(obj, "theta_a", theta_a)
+    b = _check_end(obj, "theta_b", theta_b)
+    recompute_norm, mode_used = _modes(obj, recompute_norm, train_mode)
+
+    meter = CostMeter(obj)
+    log_every = log_every or max(1, steps // 100)
+    gen = torch.Generator(device=obj.device).manual_seed(seed)
+    free = _initial_bends(a, b, bends, init_noise, gen)
+    log = _train_curve(
+        obj,
+        _objective_in_mode(obj, mode_used),
+        curve,
+        a,
+        b,
+        free,
+        gen,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        criterion=criterion,
+        t_samples=t_samples,
+        log_every=log_every,
+    )
+    hist_step, hist_loss = log.steps, log.losses
+
+    control = torch.cat([a[None], free.detach(), b[None]])
+    along = _evaluate(
+        obj, curve, a, b, control, n_points, recompute_norm, chunk_size, eval_data
+    )
+    settings = {
+        "curve": curve,
+        "bends": bends,
+        "steps": steps,
+        "lr": float(lr),
+        "batch_size": batch_size,
+        "criterion": criterion,
+        "t_samples": t_samples,
+        "init_noise": float(init_noise),
+        "init": "straight line" + (" + noise" if init_noise > 0 else ""),
+        "train_mode": mode_used,
+        "recompute_norm": recompute_norm,
+        "n_points": n_points,
+        "log_every": log_every,
+        "seed": seed,
+        "objective_info": obj.info(),
+    }
+    return ConnectResult(
+        control_points=control,
+        kind=curve,
+        **along,
+        history_step=torch.tensor(hist_step, dtype=torch.int64),
+        history_loss=torch.tensor(hist_loss, dtype=torch.float64),
+        steps=steps,
+        parameters=settings,
+        cost=meter.stop(),
+    )
+
+
+# ------------------------------------------------------------------- internals
+def _check_settings(
+    curve: object,
+    bends: object,
+    steps: object,
+    n_points: object,
+    batch_size: object,
+    log_every: object,
+    criterion: object,
+    t_samples: int | None,
+    train_mode: object,
+    lr: object,
+    init_noise: object,
+) -> int:
+    """Refuse bad settings of :func:`connect`; ``t_samples`` with its default."""
     _check_kind(curve)
     _check_int("bends", bends, 1, "the number of trainable control points")
     _check_int("steps", steps, 1, "the number of training steps")
-    _check_int("eval_points", eval_points, 2, "grid points from t=0 to t=1")
+    _check_int("n_points", n_points, 2, "grid points from t=0 to t=1")
     if batch_size is not None:
         _check_int("batch_size", batch_size, 1, "samples per training step, or None")
     if log_every is not None:
         _check_int("log_every", log_every, 1, "steps between history entries")
-    if objective not in _OBJECTIVES:
+    if criterion not in _CRITERIA:
         raise ValueError(
-            f"objective must be one of {_OBJECTIVES}; got {objective!r}. Use 'mean' "
+            f"criterion must be one of {_CRITERIA}; got {criterion!r}. Use 'mean' "
             "for the expected loss along the curve or 'minimax' for its maximum."
         )
     if t_samples is None:
-        t_samples = 4 if objective == "minimax" else 1
+        t_samples = 4 if criterion == "minimax" else 1
     _check_int("t_samples", t_samples, 1, "curve parameters drawn per step")
     if train_mode not in _TRAIN_MODES:
         raise ValueError(
@@ -344,69 +390,45 @@ def connect(
         raise ValueError(
             f"init_noise must be a finite number >= 0; got {init_noise!r}."
         )
-    a = _check_end(obj, "theta_a", theta_a)
-    b = _check_end(obj, "theta_b", theta_b)
+    return t_samples
+
+
+def _modes(
+    obj: Objective, recompute_norm: bool | None, train_mode: str
+) -> tuple[bool, str]:
+    """Whether to recompute BatchNorm statistics, and the mode to train in."""
     if recompute_norm is None:
         recompute_norm = obj.has_norm_statistics and obj.mode == "eval"
     recompute_norm = bool(recompute_norm) and obj.has_norm_statistics
     mode_used = train_mode
     if train_mode == "auto":
         mode_used = "train" if obj.has_norm_statistics else obj.mode
+    return recompute_norm, mode_used
 
-    start = time.perf_counter()
-    n_ctrl = bends + 2
-    gen = torch.Generator(device=obj.device).manual_seed(seed)
-    free = _initial_bends(a, b, bends, init_noise, gen).requires_grad_(True)
 
-    train_obj = _objective_in_mode(obj, mode_used)
-    optimizer = torch.optim.Adam([free], lr=lr)
-    log_every = log_every or max(1, steps // 100)
-    hist_step: list[int] = []
-    hist_loss: list[float] = []
-    running = torch.zeros((), dtype=obj.dtype, device=obj.device)
-    count = 0
-    batches = _minibatches(obj, batch_size, gen)
-    with (
-        train_obj.probe_mode(higher_order=False),
-        torch.enable_grad(),
-        closing(batches),
-    ):
-        for step in range(1, steps + 1):
-            x, y = next(batches)
-            ts = _draw_t(t_samples, objective, gen, obj)
-            loss = _curve_loss(train_obj, curve, a, b, free, ts, x, y, objective)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if obj.data_parallel:
-                free.grad = obj.all_reduce(free.grad) / obj.world_size
-            optimizer.step()
-            running += loss.detach()
-            count += 1
-            if step % log_every == 0 or step == steps:
-                mean = float(running) / count
-                if not math.isfinite(mean):
-                    raise NonFiniteError(
-                        f"the training loss of the curve became non-finite between "
-                        f"steps {step - count + 1} and {step}. Lower lr (got {lr}) "
-                        "or check the ends for non-finite values."
-                    )
-                hist_step.append(step)
-                hist_loss.append(mean)
-                running.zero_()
-                count = 0
-
-    control = torch.cat([a[None], free.detach(), b[None]])
+def _evaluate(
+    obj: Objective,
+    kind: str,
+    a: Tensor,
+    b: Tensor,
+    control: Tensor,
+    n_points: int,
+    recompute_norm: bool,
+    chunk_size: int | None | str,
+    eval_data: object | None,
+) -> dict[str, Any]:
+    """The curve and the straight line on a grid: the fields of a ConnectResult."""
     line = interpolate(
         obj,
         a,
         b,
-        steps=eval_points,
+        n_points=n_points,
         recompute_norm=recompute_norm,
         chunk_size=chunk_size,
         eval_data=eval_data,
     )
     ts = line.ts.to(device=obj.device, dtype=obj.dtype)
-    points = curve_weights(curve, ts, n_ctrl) @ control
+    points = curve_weights(kind, ts, control.shape[0]) @ control
     metrics = evaluate_points(
         obj,
         points,
@@ -418,150 +440,20 @@ def connect(
     loss_t = metrics["loss"].cpu()
     acc_t = metrics.get("accuracy")
     curve_barrier, barrier_t = barrier(line.ts, loss_t)
-    settings = {
-        "curve": curve,
-        "bends": bends,
-        "steps": steps,
-        "lr": float(lr),
-        "batch_size": batch_size,
-        "objective": objective,
-        "t_samples": t_samples,
-        "init_noise": float(init_noise),
-        "init": "straight line" + (" + noise" if init_noise > 0 else ""),
-        "train_mode": mode_used,
-        "recompute_norm": recompute_norm,
-        "eval_points": eval_points,
-        "log_every": log_every,
-        "seed": seed,
-        "objective_info": obj.info(),
+    return {
+        "ts": line.ts,
+        "loss": loss_t,
+        "accuracy": None if acc_t is None else acc_t.cpu(),
+        "barrier": curve_barrier,
+        "barrier_t": barrier_t,
+        "linear_loss": line.loss,
+        "linear_accuracy": line.accuracy,
+        "linear_barrier": float(line.barrier),
+        "eval_loss": None if eval_t is None else eval_t.cpu(),
+        "eval_barrier": None if eval_t is None else barrier(line.ts, eval_t.cpu())[0],
+        "linear_eval_loss": line.eval_loss,
+        "linear_eval_barrier": line.eval_barrier,
     }
-    return ConnectResult(
-        control_points=control,
-        kind=curve,
-        ts=line.ts,
-        loss=loss_t,
-        accuracy=None if acc_t is None else acc_t.cpu(),
-        barrier=curve_barrier,
-        barrier_t=barrier_t,
-        linear_loss=line.loss,
-        linear_accuracy=line.accuracy,
-        linear_barrier=float(line.barrier),
-        history_step=torch.tensor(hist_step, dtype=torch.int64),
-        history_loss=torch.tensor(hist_loss, dtype=torch.float64),
-        steps=steps,
-        seconds=time.perf_counter() - start,
-        settings=settings,
-        eval_loss=None if eval_t is None else eval_t.cpu(),
-        eval_barrier=None if eval_t is None else barrier(line.ts, eval_t.cpu())[0],
-        linear_eval_loss=line.eval_loss,
-        linear_eval_barrier=line.eval_barrier,
-    )
-
-
-# ------------------------------------------------------------------- internals
-def _initial_bends(
-    a: Tensor, b: Tensor, bends: int, noise: float, gen: torch.Generator
-) -> Tensor:
-    """Trainable points on the line, ``a + k/(bends+1) (b - a)``, plus seeded noise.
-
-    For both kinds this makes the initial curve the straight line ``(1-t) a + t b``
-    (for Bezier curves by the degree-elevation identity ``sum_k k/n B_k(t) = t``).
-    """
-    frac = torch.arange(1, bends + 1, dtype=a.dtype, device=a.device) / (bends + 1)
-    free = a + frac[:, None] * (b - a)
-    if noise > 0:
-        scale = noise * float((b - a).norm()) / math.sqrt(a.numel())
-        free += scale * torch.randn(
-            free.shape, generator=gen, device=a.device, dtype=a.dtype
-        )
-    return free
-
-
-def _curve_loss(
-    obj: Objective,
-    kind: str,
-    a: Tensor,
-    b: Tensor,
-    free: Tensor,
-    ts: Tensor,
-    x: Tensor,
-    y: Tensor,
-    objective: str,
-) -> Tensor:
-    """The training loss of one step: mean or max over ``ts`` of the batch loss."""
-    W = curve_weights(kind, ts, free.shape[0] + 2)
-    losses = []
-    for w in W:
-        theta = w[0] * a + w[-1] * b + w[1:-1] @ free
-        losses.append(obj.batch_loss(theta, x, y))
-    stacked = torch.stack(losses)
-    return stacked.max() if objective == "minimax" else stacked.mean()
-
-
-def _draw_t(k: int, objective: str, gen: torch.Generator, obj: Objective) -> Tensor:
-    u = torch.rand(k, generator=gen, device=obj.device, dtype=obj.dtype)
-    if objective == "minimax":  # stratified: one t in each of k equal intervals
-        u = (torch.arange(k, device=obj.device, dtype=obj.dtype) + u) / k
-    return u
-
-
-def _minibatches(
-    obj: Objective, batch_size: int | None, gen: torch.Generator
-) -> Generator[tuple[Tensor, Tensor], None, None]:
-    """Shuffled minibatches, cycling over the objective's batches forever."""
-    while True:
-        yielded = False
-        for x, y in obj.batches():
-            n = int(x.shape[0])
-            size = n if batch_size is None else min(batch_size, n)
-            order = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
-            for lo in range(0, n, size):
-                idx = order[lo : lo + size]
-                if idx.numel() < size and lo > 0:
-                    break  # drop a short remainder
-                yielded = True
-                yield x[idx], y[idx]
-        if not yielded:
-            raise ValueError("the objective's data yielded no batches to train on.")
-
-
-class _Batches:
-    """A re-iterable view of an objective's batches (for a sibling objective)."""
-
-    def __init__(self, obj: Objective):
-        self.obj = obj
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return self.obj.batches()
-
-
-def _objective_in_mode(obj: Objective, mode: str) -> Objective:
-    """``obj`` itself, or an objective on the same model and data in ``mode``."""
-    if mode == obj.mode:
-        return obj
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # obj already warned about its model
-        return Objective(
-            obj.model,
-            obj.loss_fn,
-            _Batches(obj),
-            mode=mode,
-            data_parallel=obj.data_parallel,
-        )
-
-
-def _check_kind(kind: object) -> None:
-    if kind not in CURVES:
-        raise ValueError(
-            f"unknown curve kind {kind!r}; expected one of {CURVES}: 'bezier' "
-            "(Bernstein polynomial of degree bends+1) or 'polychain' (polygonal "
-            "chain through the bends)."
-        )
-
-
-def _check_int(name: str, value: object, low: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low} ({what}); got {value!r}.")
 
 
 def _check_end(obj: Objective, name: str, theta: object) -> Tensor:

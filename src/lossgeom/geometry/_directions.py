@@ -1,13 +1,10 @@
-"""Directions in parameter space: random, PCA of a trajectory, Hessian eigenvectors.
+"""Directions in parameter space: random, and PCA of a trajectory.
 
-Random directions are filter-, layer- or un-normalized.
-
-A direction is a flat vector like ``obj.theta``. Filter normalization (Li et al.
-2018, "Visualizing the Loss Landscape of Neural Nets") draws ``d ~ N(0, I)`` and
-rescales every output filter / neuron of every weight tensor (the slices along its
-first dimension) to the norm of the matching filter of the weights, so that a step
-``alpha`` moves each filter by the same fraction of its size and scale-invariant
-networks look the same at every scale.
+Random directions are filter-, layer- or un-normalized
+(:func:`~lossgeom.objective.normalize_direction`, which holds the parameter
+layout rules). Hessian eigenvectors as directions come from
+:func:`lossgeom.hessian_directions`; everything here that takes a direction
+takes them like any other flat vector.
 """
 
 from __future__ import annotations
@@ -20,96 +17,24 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lossgeom.geometry._evaluation import check_direction
-from lossgeom.geometry._store import save_result, saveable
-from lossgeom.objective import Objective
+from lossgeom._results import Result
+from lossgeom.objective import (
+    Normalization,
+    Objective,
+    OneDim,
+    check_direction,
+    check_normalization,
+    filter_view,
+    normalize_direction,
+)
 
 __all__ = [
     "PCADirections",
-    "hessian_directions",
-    "normalize_direction",
     "orthogonalize",
     "pca_directions",
     "random_direction",
     "random_directions",
 ]
-
-Normalization = Literal["filter", "layer", "none"]
-OneDim = Literal["zero", "filter", "layer"]
-_NORMALIZATIONS = ("filter", "layer", "none")
-_ONE_DIM = ("zero", "filter", "layer")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}.")
-
-
-def _blocks(obj: Objective, v: Tensor, normalization: str, one_dim: str):
-    """Yield ``(view of v, view of theta-shaped reference index, rule)`` per block.
-
-    A block is a slice of ``v`` normalized as one unit: a filter (row along the
-    first dimension of a weight tensor) for ``"filter"``, a whole tensor for
-    ``"layer"``. 1-D tensors (biases, norm-layer scales) follow ``one_dim``.
-    """
-    for name, piece in obj.unflatten(v).items():
-        rule = normalization
-        if piece.ndim <= 1:
-            rule = one_dim
-        yield name, piece, rule
-
-
-def _filter_view(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1) if t.ndim >= 1 else t.reshape(1, 1)
-
-
-def normalize_direction(
-    obj: Objective,
-    direction: Tensor,
-    normalization: Normalization = "filter",
-    *,
-    one_dim: OneDim = "zero",
-    theta: Tensor | None = None,
-) -> Tensor:
-    """Rescale a direction filter by filter (or layer by layer) to the weights' norms.
-
-    Args:
-        obj: the objective whose parameter layout (names and shapes) is used.
-        direction: a flat vector ``(d,)``.
-        normalization: ``"filter"`` (each output filter / neuron of each weight
-            tensor to the norm of the weights' filter; Li et al. 2018),
-            ``"layer"`` (each tensor to the weights' tensor norm) or ``"none"``.
-        one_dim: what happens to 1-D parameters (biases, BatchNorm/LayerNorm
-            scales and shifts): ``"zero"`` (default, as Li et al. do: they stay
-            fixed), ``"filter"`` (each entry its own filter: ``|d_i| = |w_i|``)
-            or ``"layer"`` (the vector rescaled to the weights' norm). Ignored for
-            ``normalization="none"``.
-        theta: the weights to take norms from (default ``obj.theta``).
-
-    Returns:
-        A new flat vector; ``direction`` is not changed.
-    """
-    _check_choice("normalization", normalization, _NORMALIZATIONS)
-    _check_choice("one_dim", one_dim, _ONE_DIM)
-    d = check_direction(obj, direction, "direction").clone()
-    if normalization == "none":
-        return d
-    w = obj.theta if theta is None else check_direction(obj, theta, "theta")
-    weights = obj.unflatten(w)
-    eps = torch.finfo(d.dtype).tiny
-    for name, piece, rule in _blocks(obj, d, normalization, one_dim):
-        ref = weights[name]
-        if rule == "zero":
-            piece.zero_()
-        elif rule == "layer":
-            piece.mul_(ref.norm() / piece.norm().clamp_min(eps))
-        else:  # filter
-            pv, rv = _filter_view(piece), _filter_view(ref)
-            scale = rv.norm(dim=1, keepdim=True) / pv.norm(
-                dim=1, keepdim=True
-            ).clamp_min(eps)
-            pv.mul_(scale)
-    return d
 
 
 def random_direction(
@@ -188,7 +113,7 @@ def orthogonalize(
     Returns:
         The new ``d2``.
     """
-    _check_choice("normalization", normalization, _NORMALIZATIONS)
+    check_normalization(normalization)
     a = check_direction(obj, d1, "d1")
     b = check_direction(obj, d2, "d2").clone()
     tiny = torch.finfo(a.dtype).tiny
@@ -213,7 +138,7 @@ def orthogonalize(
             if normalization == "layer" or piece.ndim <= 1:
                 pv, rv = piece.reshape(1, -1), ref.reshape(1, -1)
             else:
-                pv, rv = _filter_view(piece), _filter_view(ref)
+                pv, rv = filter_view(piece), filter_view(ref)
             out = project_out(pv, rv)
             if bool(torch.isnan(out).any()):  # fall back to the whole tensor
                 out = project_out(piece.reshape(1, -1), ref.reshape(1, -1))
@@ -232,9 +157,8 @@ def orthogonalize(
     return b
 
 
-@saveable
 @dataclass(frozen=True)
-class PCADirections:
+class PCADirections(Result):
     """Principal directions of a trajectory of parameter vectors.
 
     Attributes:
@@ -246,6 +170,8 @@ class PCADirections:
             ``(T,)``: a path drawn in the plane hides this much.
         center: the point the plane passes through, ``(d,)``.
         centering: ``"final"`` (the last checkpoint, as Li et al. 2018) or ``"mean"``.
+        definition, parameters, details, cost: as for every
+            :class:`~lossgeom.Result`.
     """
 
     directions: Tensor
@@ -254,11 +180,18 @@ class PCADirections:
     residuals: Tensor
     center: Tensor
     centering: str
-    info: dict = field(default_factory=dict)
+    definition: str = field(
+        default="principal directions of the checkpoints theta_t - center (SVD), "
+        "the plane of a trajectory's largest variance (Li et al. 2018)",
+        kw_only=True,
+    )
 
-    def save(self, path) -> object:
-        """Write to the folder ``path``."""
-        return save_result(self, path)
+    def scalars(self) -> dict[str, float]:
+        """Variance share of the plane (``value``) and the largest off-plane distance."""
+        return {
+            "value": float(self.explained_variance_ratio.sum()),
+            "max_residual": float(self.residuals.max()),
+        }
 
 
 def _trajectory(obj: Objective, thetas: object) -> Tensor:
@@ -310,7 +243,8 @@ def pca_directions(
         k: number of directions.
         center: ``"final"`` or ``"mean"``.
     """
-    _check_choice("center", center, ("final", "mean"))
+    if center not in ("final", "mean"):
+        raise ValueError(f"center must be one of ('final', 'mean'); got {center!r}.")
     traj = _trajectory(obj, thetas)
     limit = min(traj.shape[0] - 1, obj.dim)
     if not isinstance(k, int) or not 1 <= k <= limit:
@@ -332,34 +266,5 @@ def pca_directions(
         residuals=residuals.cpu(),
         center=origin.cpu(),
         centering=center,
-        info={"n_checkpoints": int(traj.shape[0])},
+        parameters={"n_checkpoints": int(traj.shape[0]), "k": k},
     )
-
-
-def hessian_directions(
-    obj: Objective,
-    k: int = 2,
-    *,
-    which: str = "largest",
-    tol: float = 1e-6,
-    seed: int = 0,
-) -> Tensor:
-    """The top (or bottom) Hessian eigenvectors at ``obj.theta`` as directions.
-
-    Shape ``(k, d)``, or ``(2 k, d)`` for ``which="both"`` (largest first, then
-    smallest). Unit vectors (not filter-normalized: an eigenvector's scale is its
-    own).
-    Uses :func:`lossgeom.eigenvalues` (Lanczos with residual certificates); raises
-    if they did not converge.
-    """
-    from lossgeom.curvature import eigenvalues
-
-    res = eigenvalues(obj, k, which=which, tol=tol, seed=seed)
-    if not res.all_converged:
-        raise RuntimeError(
-            f"the Hessian eigenvectors did not converge to tol={tol} "
-            f"(residuals {res.residuals.tolist()}); loosen tol, or call "
-            "lg.eigenvalues(obj, k, max_matvecs=...) with a larger budget and use "
-            "its .vectors.T."
-        )
-    return res.vectors.T.contiguous()

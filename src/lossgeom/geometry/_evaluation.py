@@ -15,9 +15,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lossgeom.objective import Objective
+from lossgeom.objective import Objective, check_direction
 
-__all__ = ["check_direction", "evaluate_points", "second_objective"]
+__all__ = [
+    "check_direction",
+    "evaluate_grid",
+    "evaluate_points",
+    "second_objective",
+]
 
 
 def second_objective(obj: Objective, eval_data: object | None) -> Objective | None:
@@ -36,22 +41,6 @@ def second_objective(obj: Objective, eval_data: object | None) -> Objective | No
             )
         return eval_data
     return Objective(obj.model, obj.loss_fn, eval_data, mode=obj.mode)
-
-
-def check_direction(obj: Objective, v: object, name: str) -> Tensor:
-    """Validate a flat direction or parameter vector for ``obj``."""
-    if not isinstance(v, Tensor) or v.ndim != 1 or v.shape[0] != obj.dim:
-        got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-        raise ValueError(
-            f"expected {name} to be a flat vector of shape ({obj.dim},) like "
-            f"obj.theta; got {got}. Build directions with lg.random_direction(obj) "
-            "and parameter vectors with obj.flatten(...) or lg.Objective(...).theta."
-        )
-    if not v.is_floating_point():
-        raise ValueError(f"{name} must be floating point; got {v.dtype}.")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"{name} contains NaN or inf values.")
-    return v.detach().to(device=obj.device, dtype=obj.dtype)
 
 
 _VMAP_CHUNK = 64
@@ -110,6 +99,39 @@ def evaluate_points(
                 for k, v in metrics.items():
                     out.setdefault(prefix + k, []).append(v)
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+# Grid points built at once are bounded to about this many numbers (the points
+# themselves are d numbers each); the data pass inside is chunked by chunk_size.
+_MAX_POINT_NUMBERS = 2**26
+
+
+def evaluate_grid(
+    obj: Objective,
+    center: Tensor,
+    coefs: Tensor,
+    dirs: Tensor,
+    *,
+    recompute_norm: bool,
+    eval_obj: Objective | None,
+    chunk_size: int | None | str,
+) -> dict[str, Tensor]:
+    """Metrics at ``center + coefs @ dirs`` for every row of ``coefs`` ``(m, k)``."""
+    per_group = max(1, _MAX_POINT_NUMBERS // obj.dim)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, coefs.shape[0], per_group):
+        c = coefs[start : start + per_group]
+        points = torch.addmm(center.expand(c.shape[0], -1), c, dirs)
+        values = evaluate_points(
+            obj,
+            points,
+            recompute_norm=recompute_norm,
+            eval_obj=eval_obj,
+            chunk_size=chunk_size,
+        )
+        for k, v in values.items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v).cpu() for k, v in parts.items()}
 
 
 def barrier(ts: Tensor, values: Tensor) -> tuple[float, float]:

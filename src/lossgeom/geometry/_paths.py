@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from lossgeom._results import CostMeter, Result
 from lossgeom.geometry._evaluation import (
     barrier,
     check_direction,
     evaluate_points,
     second_objective,
 )
-from lossgeom.geometry._store import save_result, saveable
 from lossgeom.objective import Objective
 
 __all__ = ["BARRIER_DEFINITION", "PathResult", "interpolate"]
@@ -27,9 +26,8 @@ BARRIER_DEFINITION = (
 )
 
 
-@saveable
 @dataclass(frozen=True)
-class PathResult:
+class PathResult(Result):
     """Loss (and accuracy) along a path ``theta(t)``, ``t`` in ``[0, 1]``.
 
     Attributes:
@@ -44,9 +42,8 @@ class PathResult:
         eval_barrier: loss barrier on the second set.
         kind: ``"linear"`` or the curve kind.
         recompute_norm: whether BatchNorm statistics were recomputed per point.
-        definition: the barrier's definition.
-        seconds: wall time.
-        info: the objective's description and the work done.
+        definition, parameters, details, cost: as for every
+            :class:`~lossgeom.Result`; ``definition`` is the barrier's.
     """
 
     ts: Tensor
@@ -60,20 +57,14 @@ class PathResult:
     eval_barrier: float | None
     kind: str
     recompute_norm: bool
-    definition: str = BARRIER_DEFINITION
-    seconds: float = 0.0
-    info: dict = field(default_factory=dict)
+    definition: str = field(default=BARRIER_DEFINITION, kw_only=True)
 
-    def save(self, path) -> object:
-        """Write to the folder ``path`` (safetensors + JSON); see ``lg.load_result``."""
-        return save_result(self, path)
-
-    def to_dict(self) -> dict:
-        """Plain numbers for JSON."""
-        out = {
-            k: (v.tolist() if isinstance(v, Tensor) else v)
-            for k, v in self.__dict__.items()
-        }
+    def scalars(self) -> dict[str, float]:
+        """The loss barrier (``value``), and the others where measured."""
+        out = {"value": self.barrier}
+        for name in ("accuracy_barrier", "eval_barrier"):
+            if getattr(self, name) is not None:
+                out[name] = float(getattr(self, name))
         return out
 
 
@@ -86,7 +77,7 @@ def path_result(
     recompute_norm: bool | None,
     eval_data: object | None,
     chunk_size: int | None | str,
-    started: float,
+    meter: CostMeter,
     info: dict | None = None,
 ) -> PathResult:
     """Evaluate ``points`` (one per ``t``) and wrap them with their barriers."""
@@ -116,8 +107,9 @@ def path_result(
         recompute_norm=bool(
             recompute and obj.has_norm_statistics and obj.mode == "eval"
         ),
-        seconds=time.perf_counter() - started,
-        info={"objective": obj.info(), **(info or {})},
+        parameters={"objective": obj.info()},
+        details=dict(info or {}),
+        cost=meter.stop(),
     )
 
 
@@ -126,7 +118,7 @@ def interpolate(
     theta_a: Tensor,
     theta_b: Tensor,
     *,
-    steps: int = 25,
+    n_points: int = 25,
     recompute_norm: bool | None = None,
     eval_data: object | None = None,
     chunk_size: int | None | str = "auto",
@@ -137,7 +129,7 @@ def interpolate(
         obj: the objective (model, loss, data); its model is never changed.
         theta_a: start, a flat vector like ``obj.theta``.
         theta_b: end (e.g. another trained network's ``obj.flatten(...)``).
-        steps: number of evenly spaced ``t`` in ``[0, 1]``, ends included (>= 2).
+        n_points: number of evenly spaced ``t`` in ``[0, 1]``, ends included (>= 2).
         recompute_norm: recompute BatchNorm running statistics at every point on
             the objective's data (``None``: when the model has BatchNorm). The end
             networks' statistics do not describe the points between them.
@@ -157,15 +149,15 @@ def interpolate(
         >>> path.ts.shape, path.barrier <= 0  # a convex loss has no barrier
         (torch.Size([25]), True)
     """
-    started = time.perf_counter()
+    meter = CostMeter(obj)
     a = check_direction(obj, theta_a, "theta_a")
     b = check_direction(obj, theta_b, "theta_b")
-    if not isinstance(steps, int) or steps < 2:
+    if not isinstance(n_points, int) or n_points < 2:
         raise ValueError(
-            f"steps must be an int >= 2 (the ends are included); got {steps!r}."
+            f"n_points must be an int >= 2 (the ends are included); got {n_points!r}."
         )
-    ts = torch.linspace(0.0, 1.0, steps, dtype=obj.dtype, device=obj.device)
-    points = torch.lerp(a.expand(steps, -1), b.expand(steps, -1), ts[:, None])
+    ts = torch.linspace(0.0, 1.0, n_points, dtype=obj.dtype, device=obj.device)
+    points = torch.lerp(a.expand(n_points, -1), b.expand(n_points, -1), ts[:, None])
     return path_result(
         obj,
         ts,
@@ -174,6 +166,6 @@ def interpolate(
         recompute_norm=recompute_norm,
         eval_data=eval_data,
         chunk_size=chunk_size,
-        started=started,
+        meter=meter,
         info={"distance": float((b - a).norm())},
     )

@@ -15,23 +15,44 @@ from lossgeom.linalg.density import (
 )
 from lossgeom.linalg.diagonal import DiagonalResult, diagonal_estimate
 from lossgeom.linalg.lanczos import EigenResult, lanczos, power_iteration
+from lossgeom.linalg.projections import (
+    DenseProjection,
+    FastfoodProjection,
+    Projection,
+    ProjectionKind,
+    SparseProjection,
+    fwht,
+    random_projection,
+)
 from lossgeom.linalg.trace import TraceResult, trace_estimate
 
 __all__ = [
+    # operators
     "DenseOperator",
-    "DensityResult",
-    "DiagonalResult",
-    "Quadrature",
-    "EigenResult",
     "NonFiniteError",
     "SymmetricOperator",
-    "TraceResult",
     "check_block",
+    # eigenvalues
+    "EigenResult",
+    "lanczos",
+    "power_iteration",
+    # trace and diagonal
+    "DiagonalResult",
+    "TraceResult",
     "diagonal_estimate",
+    "trace_estimate",
+    # spectral density
+    "DensityResult",
+    "Quadrature",
     "kpm_density",
     "slq",
     "slq_density",
-    "lanczos",
-    "power_iteration",
-    "trace_estimate",
+    # random projections
+    "DenseProjection",
+    "FastfoodProjection",
+    "Projection",
+    "ProjectionKind",
+    "SparseProjection",
+    "fwht",
+    "random_projection",
 ]

@@ -24,17 +24,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from lossgeom._results import Cost, Result
 from lossgeom.linalg._operator import SymmetricOperator, apply_checked
 
 __all__ = ["DensityResult", "Quadrature", "kpm_density", "slq", "slq_density"]
 
 
 @dataclass(frozen=True)
-class Quadrature:
+class Quadrature(Result):
     """Gauss quadrature of the spectral measure, one rule per probe.
 
     Attributes:
@@ -42,13 +44,19 @@ class Quadrature:
             down early, having found an invariant subspace) hold NaN.
         weights: ``(n_probes, m)`` weights, each row summing to 1 (0 where unused).
         dim: the operator's dimension ``d``.
-        n_matvecs: products used.
+        definition, parameters, details, cost: as for every
+            :class:`~lossgeom.Result`.
     """
 
     nodes: Tensor
     weights: Tensor
     dim: int
-    n_matvecs: int
+    definition: str = field(
+        default="Gauss quadrature of the spectral measure u^T f(A) u for random "
+        "unit probes u, from Lanczos tridiagonals (Golub and Meurant 2010; Ubaru, "
+        "Chen and Saad 2017)",
+        kw_only=True,
+    )
 
     def per_probe(self, f) -> Tensor:
         """``d * sum_j w_j f(theta_j)`` for each probe: unbiased estimates of ``tr f(A)``."""
@@ -72,7 +80,7 @@ class Quadrature:
 
 
 @dataclass(frozen=True)
-class DensityResult:
+class DensityResult(Result):
     """A spectral density on a grid.
 
     Attributes:
@@ -80,32 +88,28 @@ class DensityResult:
         values: density at ``grid``; integrates to 1 over the grid (trapezoid).
         sigma: width of the Gaussian kernel (SLQ) or ``None`` (KPM).
         method: ``"slq"`` or ``"kpm"``.
-        n_matvecs: products used.
-        seconds: wall time.
         quadrature: the SLQ nodes and weights per probe (SLQ only).
-        info: details.
+        definition, parameters, details, cost: as for every
+            :class:`~lossgeom.Result`.
     """
 
     grid: Tensor
     values: Tensor
     sigma: float | None
     method: str
-    n_matvecs: int
-    seconds: float
     quadrature: Quadrature | None = None
-    info: dict = field(default_factory=dict)
+    definition: str = field(
+        default="spectral density phi(x) = (1/d) sum_i delta(x - lambda_i) of a "
+        "symmetric operator, smoothed: stochastic Lanczos quadrature with a "
+        "Gaussian kernel of width sigma (Ghorbani, Krishnan and Xiao 2019) or the "
+        "kernel polynomial method (Lin, Saad and Yang 2016)",
+        kw_only=True,
+    )
+    bulky: ClassVar[tuple[str, ...]] = ("quadrature",)
 
-    def to_dict(self) -> dict:
-        """Plain numbers for JSON."""
-        return {
-            "grid": self.grid.tolist(),
-            "values": self.values.tolist(),
-            "sigma": self.sigma,
-            "method": self.method,
-            "n_matvecs": self.n_matvecs,
-            "seconds": self.seconds,
-            **self.info,
-        }
+    def scalars(self) -> dict[str, float]:
+        """A density has no headline number."""
+        return {}
 
 
 def _probes(d: int, n: int, gen: torch.Generator, op: SymmetricOperator) -> Tensor:
@@ -116,32 +120,35 @@ def _probes(d: int, n: int, gen: torch.Generator, op: SymmetricOperator) -> Tens
 def slq(
     op: SymmetricOperator,
     n_probes: int = 10,
-    n_steps: int = 80,
+    lanczos_steps: int = 80,
     *,
     seed: int = 0,
     reorth: str = "full",
 ) -> Quadrature:
-    """Run ``n_probes`` Lanczos processes of ``n_steps`` steps side by side.
+    """Run ``n_probes`` Lanczos processes of ``lanczos_steps`` steps side by side.
 
     Args:
         op: symmetric operator.
         n_probes: random unit probes (Rademacher / sqrt(d)).
-        n_steps: Lanczos steps per probe (at most ``d``).
+        lanczos_steps: Lanczos steps per probe (at most ``d``).
         seed: seed of the probes.
         reorth: ``"full"`` (against each probe's whole basis; exact but stores
-            ``n_probes x n_steps`` vectors) or ``"none"`` (three-term recurrence).
+            ``n_probes x lanczos_steps`` vectors) or ``"none"`` (three-term recurrence).
 
     Returns:
         The :class:`Quadrature`.
     """
+    start = time.perf_counter()
     if reorth not in ("full", "none"):
         raise ValueError(f"reorth must be 'full' or 'none'; got {reorth!r}.")
     if not isinstance(n_probes, int) or n_probes < 1:
         raise ValueError(f"n_probes must be a positive integer; got {n_probes!r}.")
-    if not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}.")
+    if not isinstance(lanczos_steps, int) or lanczos_steps < 1:
+        raise ValueError(
+            f"lanczos_steps must be a positive integer; got {lanczos_steps!r}."
+        )
     d = op.shape[0]
-    m = min(n_steps, d)
+    m = min(lanczos_steps, d)
     gen = torch.Generator(device=op.device).manual_seed(seed)
     V = _probes(d, n_probes, gen, op)
     basis = None
@@ -193,7 +200,13 @@ def slq(
         nodes[p, :n] = theta
         weights[p, :n] = S[0] ** 2
     weights = weights / weights.sum(1, keepdim=True)
-    return Quadrature(nodes=nodes, weights=weights, dim=d, n_matvecs=n_mv)
+    return Quadrature(
+        nodes=nodes,
+        weights=weights,
+        dim=d,
+        parameters={"n_probes": n_probes, "lanczos_steps": lanczos_steps, "seed": seed},
+        cost=Cost(matvecs=n_mv, seconds=time.perf_counter() - start),
+    )
 
 
 def _normalised(values: Tensor, x: Tensor) -> tuple[Tensor, float]:
@@ -213,7 +226,7 @@ def _grid_for(lo: float, hi: float, grid: Tensor | int | None, pad: float) -> Te
 def slq_density(
     op: SymmetricOperator,
     n_probes: int = 10,
-    n_steps: int = 80,
+    lanczos_steps: int = 80,
     *,
     seed: int = 0,
     grid: Tensor | int | None = None,
@@ -225,7 +238,7 @@ def slq_density(
     Args:
         op: symmetric operator.
         n_probes: random probes.
-        n_steps: Lanczos steps per probe.
+        lanczos_steps: Lanczos steps per probe.
         seed: seed of the probes.
         grid: points (tensor), a number of points, or ``None`` (1,000 points over
             the nodes' range padded by 5%).
@@ -243,7 +256,7 @@ def slq_density(
         True
     """
     start = time.perf_counter()
-    quad = slq(op, n_probes, n_steps, seed=seed, reorth=reorth)
+    quad = slq(op, n_probes, lanczos_steps, seed=seed, reorth=reorth)
     finite = quad.nodes[torch.isfinite(quad.nodes)]
     lo, hi = float(finite.min()), float(finite.max())
     width = max(hi - lo, 1e-12)
@@ -261,10 +274,10 @@ def slq_density(
         values=values,
         sigma=sig,
         method="slq",
-        n_matvecs=quad.n_matvecs,
-        seconds=time.perf_counter() - start,
+        cost=Cost(matvecs=quad.cost.matvecs, seconds=time.perf_counter() - start),
         quadrature=quad,
-        info={"n_probes": n_probes, "n_steps": n_steps, "mass_on_grid": mass},
+        parameters={"n_probes": n_probes, "lanczos_steps": lanczos_steps},
+        details={"mass_on_grid": mass},
     )
 
 
@@ -295,8 +308,8 @@ def kpm_density(
     d = op.shape[0]
     n_mv = 0
     if bounds is None:
-        quad = slq(op, n_probes=1, n_steps=min(20, d), seed=seed + 1)
-        n_mv += quad.n_matvecs
+        quad = slq(op, n_probes=1, lanczos_steps=min(20, d), seed=seed + 1)
+        n_mv += quad.cost.matvecs
         finite = quad.nodes[torch.isfinite(quad.nodes)]
         lo, hi = float(finite.min()), float(finite.max())
         pad = 0.05 * max(hi - lo, 1e-12)
@@ -348,7 +361,7 @@ def kpm_density(
         values=values,
         sigma=None,
         method="kpm",
-        n_matvecs=n_mv,
-        seconds=time.perf_counter() - start,
-        info={"n_probes": n_probes, "n_moments": n_moments, "bounds": [lo, hi]},
+        parameters={"n_probes": n_probes, "n_moments": n_moments},
+        details={"bounds": [lo, hi]},
+        cost=Cost(matvecs=n_mv, seconds=time.perf_counter() - start),
     )

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lossgeom._results import Cost, Result
 from lossgeom.linalg._operator import SymmetricOperator, apply_checked
 from lossgeom.linalg.trace import leave_one_out_bases
 
@@ -29,29 +30,38 @@ __all__ = ["DiagonalResult", "diagonal_estimate"]
 
 
 @dataclass(frozen=True)
-class DiagonalResult:
+class DiagonalResult(Result):
     """A diagonal estimate with per-entry standard errors.
 
     Attributes:
         values: the estimated diagonal, shape ``(d,)``.
         stderr: per-entry standard errors, shape ``(d,)``.
-        n_matvecs: products used.
         method: ``"hutchinson"`` or ``"xdiag"``.
-        seconds: wall time.
-        info: details.
+        definition, parameters, details, cost: as for every
+            :class:`~lossgeom.Result`.
     """
 
     values: Tensor
     stderr: Tensor
-    n_matvecs: int
     method: str
-    seconds: float
-    info: dict = field(default_factory=dict)
+    definition: str = field(
+        default="diag(A) of a symmetric operator from products with random sign "
+        "vectors: Hutchinson (Bekas, Kokiopoulou and Saad 2007) or XDiag (Epperly, "
+        "Tropp and Webber 2024)",
+        kw_only=True,
+    )
+
+    def scalars(self) -> dict[str, float]:
+        """The sum of the diagonal (``value``) with its standard error."""
+        return {
+            "value": float(self.values.sum()),
+            "stderr": float(self.stderr.double().pow(2).sum().sqrt()),
+        }
 
 
 def diagonal_estimate(
     op: SymmetricOperator,
-    n_matvecs: int = 100,
+    max_matvecs: int = 100,
     *,
     method: Literal["hutchinson", "xdiag"] = "hutchinson",
     seed: int = 0,
@@ -61,7 +71,7 @@ def diagonal_estimate(
 
     Args:
         op: symmetric operator.
-        n_matvecs: budget of products.
+        max_matvecs: budget of products.
         method: ``"hutchinson"`` or ``"xdiag"``.
         seed: seed of the probes.
         round_size: probes per product call (Hutchinson).
@@ -78,8 +88,8 @@ def diagonal_estimate(
     start = time.perf_counter()
     if method not in ("hutchinson", "xdiag"):
         raise ValueError(f"method must be 'hutchinson' or 'xdiag'; got {method!r}.")
-    if not isinstance(n_matvecs, int) or n_matvecs < 2:
-        raise ValueError(f"n_matvecs must be an integer >= 2; got {n_matvecs!r}.")
+    if not isinstance(max_matvecs, int) or max_matvecs < 2:
+        raise ValueError(f"max_matvecs must be an integer >= 2; got {max_matvecs!r}.")
     d = op.shape[0]
     gen = torch.Generator(device=op.device).manual_seed(seed)
 
@@ -91,8 +101,8 @@ def diagonal_estimate(
         total = torch.zeros(d, dtype=torch.float64, device=op.device)
         total_sq = torch.zeros_like(total)
         used = 0
-        while used < n_matvecs:
-            m = min(round_size, n_matvecs - used)
+        while used < max_matvecs:
+            m = min(round_size, max_matvecs - used)
             Z = probes(m)
             S = (Z * apply_checked(op, Z)).double()
             total += S.sum(1)
@@ -104,13 +114,12 @@ def diagonal_estimate(
         return DiagonalResult(
             mean.to(op.dtype),
             stderr.to(op.dtype),
-            used,
             "hutchinson",
-            time.perf_counter() - start,
-            {"n_probes": used},
+            details={"n_probes": used},
+            cost=Cost(matvecs=used, seconds=time.perf_counter() - start),
         )
 
-    k = max(2, min(n_matvecs // 2, d))
+    k = max(2, min(max_matvecs // 2, d))
     W = probes(k)
     Y = apply_checked(op, W)
     Q, R = torch.linalg.qr(Y)
@@ -126,8 +135,7 @@ def diagonal_estimate(
     return DiagonalResult(
         E.mean(1).to(op.dtype),
         stderr.to(op.dtype),
-        2 * k,
         "xdiag",
-        time.perf_counter() - start,
-        {"sketch_size": k},
+        details={"sketch_size": k},
+        cost=Cost(matvecs=2 * k, seconds=time.perf_counter() - start),
     )

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lossgeom._results import Cost, Result
 from lossgeom.linalg._operator import SymmetricOperator, apply_checked
 
 __all__ = ["TraceResult", "trace_estimate"]
@@ -36,40 +37,34 @@ __all__ = ["TraceResult", "trace_estimate"]
 Method = Literal["auto", "hutchinson", "hutch++", "xtrace"]
 
 
+TRACE_DEFINITION = (
+    "tr(A) = sum_i A_ii of a symmetric operator, estimated from products with "
+    "random sign vectors: Hutchinson (1989), Hutch++ (Meyer, Musco, Musco and "
+    "Woodruff 2021) or XTrace (Epperly, Tropp and Webber 2024)"
+)
+
+
 @dataclass(frozen=True)
-class TraceResult:
+class TraceResult(Result):
     """A trace estimate with its error bar.
 
     Attributes:
         value: the estimate.
         stderr: its standard error (sample standard deviation of the random part
             over the square root of its probes).
-        n_matvecs: products with the operator.
-        method: ``"hutchinson"`` or ``"hutch++"`` (what ran, also under ``"auto"``).
-        seconds: wall time.
+        method: what ran: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or
+            ``"exact"`` (under ``"auto"`` with a budget of at least ``d``).
         n_probes: random probes in the stochastic part.
-        info: details (the exact low-rank part of Hutch++, the auto decision).
+        definition, parameters, details, cost: as for every
+            :class:`~lossgeom.Result`; ``details`` holds the exact low-rank part
+            of Hutch++ and the automatic decision.
     """
 
     value: float
     stderr: float
-    n_matvecs: int
     method: str
-    seconds: float
     n_probes: int
-    info: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """Plain numbers for JSON."""
-        return {
-            "value": self.value,
-            "stderr": self.stderr,
-            "n_matvecs": self.n_matvecs,
-            "method": self.method,
-            "seconds": self.seconds,
-            "n_probes": self.n_probes,
-            **self.info,
-        }
+    definition: str = field(default=TRACE_DEFINITION, kw_only=True)
 
 
 def _rademacher(
@@ -111,7 +106,7 @@ def _hutchinson_rounds(
 
 def trace_estimate(
     op: SymmetricOperator,
-    n_matvecs: int = 100,
+    max_matvecs: int = 100,
     *,
     method: Method = "auto",
     seed: int = 0,
@@ -127,8 +122,10 @@ def trace_estimate(
 
     Args:
         op: symmetric operator.
-        n_matvecs: budget of products.
-        method: ``"auto"``, ``"hutchinson"`` or ``"hutch++"``.
+        max_matvecs: budget of products. With ``method="auto"`` a budget of at
+            least ``d`` buys the exact trace, ``sum_i e_i^T A e_i``, with ``d``
+            products (``method="exact"``, ``stderr`` 0), and no more are spent.
+        method: ``"auto"``, ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
         seed: seed of the probes.
         rel_tol: stop early once ``stderr <= rel_tol * |value|`` (checked after
             every round of ``round_size`` probes).
@@ -150,8 +147,8 @@ def trace_estimate(
             "method must be 'auto', 'hutchinson', 'hutch++' or 'xtrace'; got "
             f"{method!r}."
         )
-    if not isinstance(n_matvecs, int) or n_matvecs < 2:
-        raise ValueError(f"n_matvecs must be an integer >= 2; got {n_matvecs!r}.")
+    if not isinstance(max_matvecs, int) or max_matvecs < 2:
+        raise ValueError(f"max_matvecs must be an integer >= 2; got {max_matvecs!r}.")
     if rel_tol is not None and not rel_tol > 0:
         raise ValueError(f"rel_tol must be positive or None; got {rel_tol!r}.")
     if round_size < 2:
@@ -159,17 +156,19 @@ def trace_estimate(
     d = op.shape[0]
     gen = torch.Generator(device=op.device).manual_seed(seed)
 
+    if method == "auto" and max_matvecs >= d:
+        return _exact_trace(op, round_size, start)
     if method == "xtrace":
-        if n_matvecs < 4:
-            raise ValueError(f"xtrace needs n_matvecs >= 4; got {n_matvecs}.")
-        return _xtrace(op, n_matvecs, gen, start)
-    if method == "hutchinson" or (method == "auto" and n_matvecs < 6):
+        if max_matvecs < 4:
+            raise ValueError(f"xtrace needs max_matvecs >= 4; got {max_matvecs}.")
+        return _xtrace(op, max_matvecs, gen, start)
+    if method == "hutchinson" or (method == "auto" and max_matvecs < 6):
         samples, used = _hutchinson_rounds(
-            op, None, n_matvecs, round_size, rel_tol, 0.0, gen
+            op, None, max_matvecs, round_size, rel_tol, 0.0, gen
         )
         return _result(samples, 0.0, used, "hutchinson", start, {"requested": method})
 
-    s = max(1, min(n_matvecs // 3, d))
+    s = max(1, min(max_matvecs // 3, d))
     S = _rademacher(d, s, gen, op)
     Y = apply_checked(op, S)
     pilot = (S * Y).sum(0).double()  # Hutchinson samples for free
@@ -177,8 +176,12 @@ def trace_estimate(
     info: dict = {"requested": method, "sketch_size": s}
     Z = apply_checked(op, Q)  # A Q
     exact = float(torch.einsum("ij,ij->", Q.double(), Z.double()))  # tr(Q^T A Q)
-    remaining = n_matvecs - s - Q.shape[1]
+    remaining = max_matvecs - s - Q.shape[1]
     info["exact_part"] = exact
+    if Q.shape[1] >= d:  # the sketch spans the whole space: the trace is exact
+        return _result(
+            torch.zeros(2, dtype=torch.float64), exact, s + d, "hutch++", start, info
+        )
     if method == "auto" and remaining >= 4:
         # One round on the deflated operator, then predict both finishes from the
         # sample variances: the pilot's (Hutchinson on A) and this round's.
@@ -213,6 +216,25 @@ def trace_estimate(
     return _result(samples, exact, s + Q.shape[1] + used, "hutch++", start, info)
 
 
+def _exact_trace(op: SymmetricOperator, block: int, start: float) -> TraceResult:
+    """``sum_i e_i^T A e_i`` with ``d`` products, ``block`` at a time."""
+    d = op.shape[0]
+    total = 0.0
+    for lo in range(0, d, block):
+        hi = min(lo + block, d)
+        E = torch.zeros(d, hi - lo, dtype=op.dtype, device=op.device)
+        E[torch.arange(lo, hi), torch.arange(hi - lo)] = 1
+        total += float(apply_checked(op, E)[lo:hi].diagonal().double().sum())
+    return TraceResult(
+        value=total,
+        stderr=0.0,
+        method="exact",
+        n_probes=0,
+        details={"requested": "auto"},
+        cost=Cost(matvecs=d, seconds=time.perf_counter() - start),
+    )
+
+
 def leave_one_out_bases(R: Tensor) -> list[Tensor]:
     """For ``Y = Q R``, coefficient bases of ``span(Y without column i)``, one per ``i``."""
     k = R.shape[1]
@@ -225,10 +247,10 @@ def leave_one_out_bases(R: Tensor) -> list[Tensor]:
 
 
 def _xtrace(
-    op: SymmetricOperator, n_matvecs: int, gen: torch.Generator, start: float
+    op: SymmetricOperator, max_matvecs: int, gen: torch.Generator, start: float
 ) -> TraceResult:
     d = op.shape[0]
-    k = max(2, min(n_matvecs // 2, d))
+    k = max(2, min(max_matvecs // 2, d))
     W = _rademacher(d, k, gen, op)
     Y = apply_checked(op, W)  # A W
     Q, R = torch.linalg.qr(Y)
@@ -260,9 +282,8 @@ def _result(
     return TraceResult(
         value=value,
         stderr=stderr,
-        n_matvecs=n_mv,
         method=method,
-        seconds=time.perf_counter() - start,
         n_probes=n,
-        info=info,
+        details=info,
+        cost=Cost(matvecs=n_mv, seconds=time.perf_counter() - start),
     )

@@ -1,5 +1,13 @@
 """Layer 2: scalar diagnostics: sharpness, gradient noise, dimensionality, difficulty."""
 
+from lossgeom.linalg.projections import (
+    DenseProjection,
+    FastfoodProjection,
+    Projection,
+    SparseProjection,
+    fwht,
+    random_projection,
+)
 from lossgeom.measures._difficulty import (
     DifficultyIndexResult,
     GradientFractionResult,
@@ -22,15 +30,14 @@ from lossgeom.measures._noise import (
     gradient_noise,
     noise_scale,
 )
-from lossgeom.measures._projections import (
-    DenseProjection,
-    FastfoodProjection,
-    Projection,
-    SparseProjection,
-    fwht,
-    random_projection,
+from lossgeom.measures._registry import (
+    CALLBACKS,
+    check_options,
+    default_key,
+    register,
+    row_entries,
+    run_measure,
 )
-from lossgeom.measures._registry import CALLBACKS, register
 from lossgeom.measures._sharpness import SharpnessResult, sharpness
 from lossgeom.measures._trajectory import (
     EffectiveDimensionResult,
@@ -74,7 +81,11 @@ __all__ = [
     "noise_alignment",
     "noise_scale",
     "quadratic_prediction",
-    # callbacks by name
+    # measures by name (training callbacks, studies)
     "CALLBACKS",
+    "check_options",
+    "default_key",
     "register",
+    "row_entries",
+    "run_measure",
 ]

@@ -26,20 +26,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from lossgeom._results import Cost, Result, timed
 from lossgeom.curvature import eigenvalues, gradient_covariance, hessian, trace
 from lossgeom.linalg import EigenResult, SymmetricOperator
-from lossgeom.measures._common import measure_cost
 from lossgeom.measures._noise import (
     SIGMA,
     _check_k,
     _check_objective,
     _require_per_sample,
-    _Result,
     _sigma_limit,
 )
 from lossgeom.objective import Objective
@@ -70,12 +70,12 @@ QUADRATIC = (
 
 
 @dataclass(frozen=True)
-class NoiseAlignmentResult(_Result):
+class NoiseAlignmentResult(Result):
     r"""Alignment of the top eigenspaces of the gradient noise and the Hessian.
 
     Attributes:
         kappa: mean squared cosine of the principal angles, in ``[0, 1]``.
-        kappa_error: bound on ``|kappa - exact kappa|`` from the eigenvector
+        kappa_bound: bound on ``|kappa - exact kappa|`` from the eigenvector
             errors (Davis-Kahan; ``inf`` when an eigengap is not resolved).
         angles: principal angles in radians, ascending, ``(k,)``.
         cosines: their cosines, descending.
@@ -92,7 +92,7 @@ class NoiseAlignmentResult(_Result):
     """
 
     kappa: float
-    kappa_error: float
+    kappa_bound: float
     angles: Tensor
     cosines: Tensor
     sigma_eigenvalues: Tensor
@@ -102,19 +102,16 @@ class NoiseAlignmentResult(_Result):
     converged: bool
     sigma_vectors: Tensor
     hessian_vectors: Tensor
-    definition: str
-    parameters: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)
-    _skip = ("sigma_vectors", "hessian_vectors")
+    bulky: ClassVar[tuple[str, ...]] = ("sigma_vectors", "hessian_vectors")
 
 
 @dataclass(frozen=True)
-class GradientFractionResult(_Result):
+class GradientFractionResult(Result):
     r"""The share of the gradient in the top Hessian eigenspace.
 
     Attributes:
         value: :math:`\|P_k g\|^2 / \|g\|^2` in ``[0, 1]``.
-        error: bound on ``|value - exact value|`` from the eigenvector errors
+        bound: bound on ``|value - exact value|`` from the eigenvector errors
             (:math:`\|P_k - \hat P_k\|_2`, Davis-Kahan; ``inf`` when the gap
             after the ``k``-th eigenvalue is not resolved).
         per_direction: :math:`(u_i\cdot g)^2 / \|g\|^2` for each eigenvector.
@@ -128,31 +125,30 @@ class GradientFractionResult(_Result):
     """
 
     value: float
-    error: float
+    bound: float
     per_direction: Tensor
     eigenvalues: Tensor
     residuals: Tensor
     converged: Tensor
     grad_norm: float
-    definition: str
-    parameters: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class DifficultyIndexResult(_Result):
+class DifficultyIndexResult(Result):
     r"""The difficulty index with each factor and its error.
 
     Attributes:
         value: :math:`D = \lambda_\max^2 / \operatorname{tr}H \cdot \kappa`
             (``nan`` when the trace is not positive).
-        error: first-order propagation of the three factors' errors below.
+        bound: first-order propagation of the three factors' errors below (the
+            trace's is statistical, the other two are bounds, so read it as an
+            error scale rather than a guarantee).
         lambda_max: the largest Hessian eigenvalue.
-        lambda_max_error: its residual (an eigenvalue lies within it).
+        lambda_max_bound: its residual (an eigenvalue lies within it).
         hessian_trace: :math:`\operatorname{tr}H` (Hutchinson/Hutch++).
         hessian_trace_stderr: its standard error.
         kappa: :math:`\kappa(\Sigma, H)`, see :class:`NoiseAlignmentResult`.
-        kappa_error: its bound.
+        kappa_bound: its bound.
         alignment: the :class:`NoiseAlignmentResult` behind ``kappa`` (as a dict).
         definition: what was computed.
         parameters: settings, and the objective's :meth:`~Objective.info`.
@@ -160,21 +156,18 @@ class DifficultyIndexResult(_Result):
     """
 
     value: float
-    error: float
+    bound: float
     lambda_max: float
-    lambda_max_error: float
+    lambda_max_bound: float
     hessian_trace: float
     hessian_trace_stderr: float
     kappa: float
-    kappa_error: float
+    kappa_bound: float
     alignment: dict
-    definition: str
-    parameters: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class QuadraticPredictionResult(_Result):
+class QuadraticPredictionResult(Result):
     r"""The second-order model of one step along a direction, and the truth.
 
     Attributes:
@@ -205,9 +198,6 @@ class QuadraticPredictionResult(_Result):
     best_eta: float
     loss: float
     direction: str
-    definition: str
-    parameters: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -285,7 +275,7 @@ def noise_alignment(
         = \frac1k\sum_i \cos^2\theta_i \in [0, 1],
 
     1 when the subspaces coincide, 0 when orthogonal, about ``k/d`` for random
-    ones. ``kappa_error`` bounds the effect of the eigenvector errors:
+    ones. ``kappa_bound`` bounds the effect of the eigenvector errors:
     :math:`|\Delta\kappa| \le (\|\Delta P_\Sigma\|_F + \|\Delta P_H\|_F)/\sqrt k`.
 
     Args:
@@ -306,9 +296,9 @@ def noise_alignment(
     limit, why = _sigma_limit(obj)
     k = _check_k(k, limit, what, why)
     theta = obj.check_theta(theta)
-    with measure_cost(obj) as cost:
+    with timed(obj) as meter:
         out = _alignment(obj, theta, k, seed, tol, max_matvecs, cache_bytes)
-    return _alignment_result(obj, out, k, seed, tol, dict(cost))
+    return _alignment_result(obj, out, k, seed, tol, meter.cost)
 
 
 def _alignment(obj, theta, k, seed, tol, max_matvecs, cache_bytes):
@@ -319,14 +309,14 @@ def _alignment(obj, theta, k, seed, tol, max_matvecs, cache_bytes):
     return top_s, top_h, H
 
 
-def _alignment_result(obj, out, k, seed, tol, cost) -> NoiseAlignmentResult:
+def _alignment_result(obj, out, k, seed, tol, cost: Cost) -> NoiseAlignmentResult:
     top_s, top_h, _ = out
     cos = _principal_cosines(top_s.basis, top_h.basis)
     kappa = float(cos.pow(2).sum()) / k
     err = min(1.0, (top_s.projector_error + top_h.projector_error) / math.sqrt(k))
     return NoiseAlignmentResult(
         kappa=kappa,
-        kappa_error=err,
+        kappa_bound=err,
         angles=torch.arccos(cos),
         cosines=cos,
         sigma_eigenvalues=top_s.values,
@@ -339,10 +329,10 @@ def _alignment_result(obj, out, k, seed, tol, cost) -> NoiseAlignmentResult:
         definition=f"{KAPPA}; {SIGMA}; principal angles = arccos of the singular "
         "values of U_Sigma^T U_H",
         parameters={"k": k, "seed": seed, "tol": tol, "objective": obj.info()},
-        cost=dict(
-            cost,
-            sigma_matvecs=top_s.result.n_matvecs,
-            hessian_matvecs=top_h.result.n_matvecs,
+        cost=cost.add(
+            matvecs=top_s.result.cost.matvecs,
+            sigma_matvecs=top_s.result.cost.matvecs,
+            hessian_matvecs=top_h.result.cost.matvecs,
         ),
     )
 
@@ -384,7 +374,7 @@ def gradient_fraction(
     obj = _check_objective(obj, what)
     k = _check_k(k, obj.dim, what, f"the number of parameters d = {obj.dim}")
     theta = obj.check_theta(theta)
-    with measure_cost(obj) as cost:
+    with timed(obj) as meter:
         H = hessian(obj, theta)
         g = H.gradient()
         top = _top_subspace(H, k, seed=seed, tol=tol, max_matvecs=max_matvecs)
@@ -395,7 +385,7 @@ def gradient_fraction(
     value = min(1.0, float(per.sum()))
     return GradientFractionResult(
         value=value,
-        error=min(1.0, top.projector_error),
+        bound=min(1.0, top.projector_error),
         per_direction=per,
         eigenvalues=top.values,
         residuals=top.residuals,
@@ -403,7 +393,7 @@ def gradient_fraction(
         grad_norm=math.sqrt(norm_sq),
         definition=FRACTION,
         parameters={"k": k, "seed": seed, "tol": tol, "objective": obj.info()},
-        cost=dict(cost, hessian_matvecs=top.result.n_matvecs),
+        cost=meter.cost.add(hessian_matvecs=top.result.cost.matvecs),
     )
 
 
@@ -415,7 +405,7 @@ def difficulty_index(
     seed: int = 0,
     tol: float = 1e-6,
     max_matvecs: int | None = None,
-    trace_matvecs: int = 100,
+    trace_max_matvecs: int = 100,
     cache_bytes: int | None = 512 * 2**20,
 ) -> DifficultyIndexResult:
     r"""The difficulty index :math:`D = \lambda_\max(H)^2/\operatorname{tr}H\cdot\kappa(\Sigma, H)`.
@@ -438,7 +428,7 @@ def difficulty_index(
         seed: seed of the Lanczos start vectors and the trace probes.
         tol: relative residual tolerance of the eigenpairs.
         max_matvecs: product budget of each Lanczos run.
-        trace_matvecs: product budget of the Hessian trace.
+        trace_max_matvecs: product budget of the Hessian trace.
         cache_bytes: memory for the per-sample gradients.
 
     Returns:
@@ -451,49 +441,49 @@ def difficulty_index(
     limit, why = _sigma_limit(obj)
     k = _check_k(k, limit, what, why)
     theta = obj.check_theta(theta)
-    if not isinstance(trace_matvecs, int) or trace_matvecs < 2:
+    if not isinstance(trace_max_matvecs, int) or trace_max_matvecs < 2:
         raise ValueError(
-            f"trace_matvecs must be an integer >= 2; got {trace_matvecs!r}."
+            f"trace_max_matvecs must be an integer >= 2; got {trace_max_matvecs!r}."
         )
-    with measure_cost(obj) as cost:
+    with timed(obj) as meter:
         out = _alignment(obj, theta, k, seed, tol, max_matvecs, cache_bytes)
-        tr = trace(out[2], trace_matvecs, seed=seed)
-    align = _alignment_result(obj, out, k, seed, tol, {})
+        tr = trace(out[2], trace_max_matvecs, seed=seed)
+    align = _alignment_result(obj, out, k, seed, tol, Cost())
     lam = float(out[1].values[0])
     dlam = float(out[1].residuals[0])
     T, dT = tr.value, tr.stderr
-    kap, dkap = align.kappa, align.kappa_error
+    kap, dkap = align.kappa, align.kappa_bound
     if T > 0:
         value = lam**2 / T * kap
-        error = math.sqrt(
+        bound = math.sqrt(
             (2 * lam * kap / T * dlam) ** 2
             + (lam**2 * kap / T**2 * dT) ** 2
             + (lam**2 / T * dkap) ** 2
         )
     else:
-        value = error = math.nan
+        value = bound = math.nan
     return DifficultyIndexResult(
         value=value,
-        error=error,
+        bound=bound,
         lambda_max=lam,
-        lambda_max_error=dlam,
+        lambda_max_bound=dlam,
         hessian_trace=T,
         hessian_trace_stderr=dT,
         kappa=kap,
-        kappa_error=dkap,
+        kappa_bound=dkap,
         alignment=align.to_dict(),
         definition=DIFFICULTY + "; tr(H) by " + tr.method,
         parameters={
             "k": k,
             "seed": seed,
             "tol": tol,
-            "trace_matvecs": trace_matvecs,
+            "trace_max_matvecs": trace_max_matvecs,
             "objective": obj.info(),
         },
-        cost=dict(
-            cost,
-            sigma_matvecs=align.cost["sigma_matvecs"],
-            hessian_matvecs=align.cost["hessian_matvecs"] + tr.n_matvecs,
+        cost=meter.cost.add(
+            matvecs=align.cost.counters["sigma_matvecs"],
+            sigma_matvecs=align.cost.counters["sigma_matvecs"],
+            hessian_matvecs=align.cost.counters["hessian_matvecs"] + tr.cost.matvecs,
         ),
     )
 
@@ -553,7 +543,7 @@ def quadratic_prediction(
                 + "."
             )
         direction = direction.detach().to(device=obj.device, dtype=obj.dtype)
-    with measure_cost(obj) as cost:
+    with timed(obj) as meter:
         _, g = obj.loss_and_grad(theta)
         v = g if direction is None else direction
         Hv = obj.hvp(v, theta)
@@ -581,5 +571,5 @@ def quadratic_prediction(
         direction="gradient" if direction is None else "given",
         definition=QUADRATIC,
         parameters={"chunk_size": chunk_size, "objective": obj.info()},
-        cost=dict(cost),
+        cost=meter.cost,
     )

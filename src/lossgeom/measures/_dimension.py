@@ -2,7 +2,7 @@
 
 :func:`intrinsic_dimension`: the smallest number ``d`` of trainable coordinates
 ``z`` in ``theta = theta0 + P z`` (a random ``D x d`` projection ``P`` of
-:mod:`lossgeom.measures._projections`, ``theta0`` the frozen initialisation) with
+:mod:`lossgeom.linalg.projections`, ``theta0`` the frozen initialisation) with
 which training reaches ``threshold`` times the accuracy of the full model (Li et
 al. 2018, "Measuring the intrinsic dimension of objective landscapes").
 :func:`subspace_train` trains one subspace.
@@ -11,24 +11,22 @@ al. 2018, "Measuring the intrinsic dimension of objective landscapes").
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lossgeom.measures._common import dataclass_to_dict, measure_cost
-from lossgeom.measures._projections import (
-    Projection,
-    ProjectionKind,
+from lossgeom._results import Result, jsonable, timed
+from lossgeom.linalg.projections import Projection, ProjectionKind, random_projection
+from lossgeom.measures._checks import (
     _check_int,
     _check_kind,
     _check_subspace,
     _check_threshold,
-    random_projection,
 )
-from lossgeom.objective import Objective
+from lossgeom.objective import Objective, minimize
 
 __all__ = [
     "IntrinsicDimensionResult",
@@ -69,40 +67,7 @@ class SubspaceRun:
 
     def to_dict(self) -> dict:
         """Plain JSON values."""
-        return dataclass_to_dict(self)
-
-
-def _adam(
-    z: Tensor,
-    loss_of: Callable[[Tensor], Tensor],
-    *,
-    steps: int,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> Tensor:
-    """Minimise ``loss_of(z)`` in place with Adam (Kingma & Ba 2015).
-
-    The update of ``torch.optim.Adam`` with its defaults (bias-corrected moments,
-    ``eps`` added to ``sqrt(v_hat)``), written out for one tensor: it spares the
-    optimizer's per-step overhead, which dominates on small models.
-
-    Returns:
-        The loss of the last step (detached).
-    """
-    b1, b2 = betas
-    m, v = torch.zeros_like(z), torch.zeros_like(z)
-    loss = z.new_zeros(())
-    for t in range(1, steps + 1):
-        z.requires_grad_(True)
-        loss = loss_of(z)
-        (g,) = torch.autograd.grad(loss, z)
-        z.requires_grad_(False)
-        m.mul_(b1).add_(g, alpha=1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-        z.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-    return loss.detach()
+        return jsonable(self)
 
 
 class _Problem:
@@ -168,7 +133,7 @@ class _Problem:
         seed: int,
     ) -> SubspaceRun:
         """Train ``z`` (``theta0 + P z``, or ``theta0 + z`` without ``P``) with Adam."""
-        with measure_cost(None) as cost:
+        with timed() as meter:
             dim = self.num_params if proj is None else proj.dim
             z = self.theta0.new_zeros(dim)
             gen = torch.Generator().manual_seed(seed)
@@ -185,7 +150,14 @@ class _Problem:
                 return self.loss_fn(self.train.model_fn(theta, x), y)
 
             with self.train.probe_mode(higher_order=False):
-                loss = _adam(z, batch_loss, steps=steps, lr=lr)
+                log = minimize(
+                    z,
+                    lambda _step, z: batch_loss(z),
+                    steps=steps,
+                    lr=lr,
+                    stop_on_nonfinite=False,
+                )
+                loss = log.last_loss
             with torch.no_grad():
                 theta = self.theta0 + (z if proj is None else proj(z))
                 metrics = self.eval.evaluate_metrics(theta.unsqueeze(0), chunk_size=1)
@@ -203,7 +175,7 @@ class _Problem:
             seed=seed,
             steps=steps,
             lr=lr,
-            seconds=cost["seconds"],
+            seconds=meter.cost.seconds,
         )
 
 
@@ -273,7 +245,7 @@ def subspace_train(
 
 # ------------------------------------------------------- intrinsic dimension
 @dataclass(frozen=True)
-class IntrinsicDimensionResult:
+class IntrinsicDimensionResult(Result):
     """The intrinsic dimension of a task found by random-subspace training.
 
     Attributes:
@@ -313,9 +285,6 @@ class IntrinsicDimensionResult:
     consistent: bool
     num_params: int
     projection: str
-    definition: str
-    parameters: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)
 
     @property
     def d_int90(self) -> int | None:
@@ -331,9 +300,9 @@ class IntrinsicDimensionResult:
         """Whether some size tried reached the target."""
         return self.d_int is not None
 
-    def to_dict(self) -> dict:
-        """Plain JSON values."""
-        return dataclass_to_dict(self)
+    def scalars(self) -> dict[str, float]:
+        """``d_int`` (``value``; ``nan`` when not found)."""
+        return {"value": math.nan if self.d_int is None else float(self.d_int)}
 
 
 def _log_grid(num_params: int) -> list[int]:
@@ -342,6 +311,126 @@ def _log_grid(num_params: int) -> list[int]:
         grid.append(d)
         d *= 2
     return [*grid, num_params]
+
+
+def _check_search(resolution: object, reference_accuracy: object) -> None:
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, (int, float))
+        or not resolution > 1
+    ):
+        raise ValueError(
+            f"resolution must be a ratio > 1 (e.g. 1.1 stops the bisection when "
+            f"the bracket is within 10%); got {resolution!r}."
+        )
+    if reference_accuracy is not None and not (
+        isinstance(reference_accuracy, (int, float))
+        and not isinstance(reference_accuracy, bool)
+        and 0 < reference_accuracy <= 1
+    ):
+        raise ValueError(
+            "reference_accuracy must be an accuracy in (0, 1], or None to train "
+            f"the full model; got {reference_accuracy!r}."
+        )
+
+
+def _sizes(dims: Sequence[int] | None, num_params: int) -> list[int]:
+    """The coarse grid of subspace sizes: ``dims`` checked and sorted, or doubling."""
+    if dims is None:
+        return _log_grid(num_params)
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
+        raise ValueError(
+            f"dims must be a non-empty list of subspace sizes; got {dims!r}."
+        )
+    return sorted({_check_subspace(d, num_params) for d in dims})
+
+
+class _Search:
+    """The runs of one search for ``d_int``: each size trained once, in order."""
+
+    def __init__(
+        self,
+        problem: _Problem,
+        kind: str,
+        *,
+        steps: int,
+        lr: float,
+        batch_size: int | None,
+        seed: int,
+    ):
+        self.problem, self.kind = problem, kind
+        self.steps, self.lr, self.batch_size, self.seed = steps, lr, batch_size, seed
+        self.runs: list[dict] = []
+        self.accuracy_of: dict[int, float] = {}
+        self.passed_at: dict[int, bool] = {}
+        self.target = math.nan  # the accuracy to reach, set once the reference is known
+
+    def reference(self, reference_accuracy: float | None, reference_lr: float) -> float:
+        """The full model's accuracy: given, or trained here (a run of its own)."""
+        if reference_accuracy is not None:
+            return float(reference_accuracy)
+        ref = self.problem.run(
+            None,
+            steps=self.steps,
+            lr=reference_lr,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        self.runs.append({**ref.to_dict(), "stage": "reference"})
+        if not ref.finite:
+            raise ValueError(
+                "training the full model for the reference accuracy diverged "
+                f"(reference_lr={reference_lr}); lower reference_lr, or pass "
+                "reference_accuracy."
+            )
+        return ref.accuracy
+
+    def train(self, d: int, stage: str) -> bool:
+        """Train in a subspace of size ``d``; whether it reached the target."""
+        problem = self.problem
+        proj = random_projection(
+            self.kind,
+            problem.num_params,
+            d,
+            seed=self.seed,
+            device=problem.train.device,
+            dtype=problem.train.dtype,
+        )
+        run = problem.run(
+            proj,
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        self.runs.append({**run.to_dict(), "stage": stage})
+        self.accuracy_of[d] = run.accuracy
+        self.passed_at[d] = bool(run.finite and run.accuracy >= self.target)
+        return self.passed_at[d]
+
+    def bracket(
+        self, grid: list[int], resolution: float
+    ) -> tuple[int | None, int | None]:
+        """``(lo, hi)``: the last size that missed and the first that reached.
+
+        The grid is trained in increasing order until a size reaches the target,
+        then the bracket is bisected on a log scale down to ``resolution``.
+        """
+        lo: int | None = None
+        hi: int | None = None
+        for d in grid:
+            if self.train(d, "grid"):
+                hi = d
+                break
+            lo = d
+        if hi is not None and lo is not None:
+            while hi - lo > 1 and hi > resolution * lo:
+                mid = min(max(round(math.sqrt(lo * hi)), lo + 1), hi - 1)
+                if self.train(mid, "bisection"):
+                    hi = mid
+                else:
+                    lo = mid
+        return lo, hi
 
 
 def intrinsic_dimension(
@@ -415,86 +504,25 @@ def intrinsic_dimension(
     kind = _check_kind(projection)
     _check_training(steps, lr, batch_size)
     _check_training(1, reference_lr, None)
-    if (
-        isinstance(resolution, bool)
-        or not isinstance(resolution, (int, float))
-        or not resolution > 1
-    ):
-        raise ValueError(
-            f"resolution must be a ratio > 1 (e.g. 1.1 stops the bisection when "
-            f"the bracket is within 10%); got {resolution!r}."
-        )
-    if reference_accuracy is not None and not (
-        isinstance(reference_accuracy, (int, float))
-        and not isinstance(reference_accuracy, bool)
-        and 0 < reference_accuracy <= 1
-    ):
-        raise ValueError(
-            "reference_accuracy must be an accuracy in (0, 1], or None to train "
-            f"the full model; got {reference_accuracy!r}."
-        )
+    _check_search(resolution, reference_accuracy)
     problem = _Problem(
         model, loss_fn, train_data, eval_data, mode=mode, dtype=dtype,
         eval_batch_size=eval_batch_size,
     )  # fmt: skip
     D = problem.num_params
-    if dims is None:
-        grid = _log_grid(D)
-    else:
-        if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
-            raise ValueError(
-                f"dims must be a non-empty list of subspace sizes; got {dims!r}."
-            )
-        grid = sorted({_check_subspace(d, D) for d in dims})
+    grid = _sizes(dims, D)
 
-    runs: list[dict] = []
-    accuracy_of: dict[int, float] = {}
-    passed_at: dict[int, bool] = {}
-
-    def train(d: int, stage: str) -> bool:
-        proj = random_projection(
-            kind, D, d, seed=seed, device=problem.train.device,
-            dtype=problem.train.dtype,
-        )  # fmt: skip
-        run = problem.run(proj, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-        runs.append({**run.to_dict(), "stage": stage})
-        accuracy_of[d] = run.accuracy
-        passed_at[d] = bool(run.finite and run.accuracy >= target)
-        return passed_at[d]
-
-    with measure_cost(problem.eval) as cost:
-        if reference_accuracy is None:
-            ref = problem.run(
-                None, steps=steps, lr=reference_lr, batch_size=batch_size, seed=seed
-            )
-            runs.append({**ref.to_dict(), "stage": "reference"})
-            if not ref.finite:
-                raise ValueError(
-                    "training the full model for the reference accuracy diverged "
-                    f"(reference_lr={reference_lr}); lower reference_lr, or pass "
-                    "reference_accuracy."
-                )
-            reference = ref.accuracy
-        else:
-            reference = float(reference_accuracy)
-        target = threshold * reference
-        lo: int | None = None
-        hi: int | None = None
-        for d in grid:
-            if train(d, "grid"):
-                hi = d
-                break
-            lo = d
-        if hi is not None and lo is not None:
-            while hi - lo > 1 and hi > resolution * lo:
-                mid = min(max(round(math.sqrt(lo * hi)), lo + 1), hi - 1)
-                if train(mid, "bisection"):
-                    hi = mid
-                else:
-                    lo = mid
-    ordered = sorted(accuracy_of)
-    passed = [passed_at[d] for d in ordered]  # the same test the search used
+    search = _Search(
+        problem, kind, steps=steps, lr=lr, batch_size=batch_size, seed=seed
+    )
+    with timed(problem.eval) as meter:
+        reference = search.reference(reference_accuracy, reference_lr)
+        target = search.target = threshold * reference
+        lo, hi = search.bracket(grid, resolution)
+    ordered = sorted(search.accuracy_of)
+    passed = [search.passed_at[d] for d in ordered]  # the same test the search used
     consistent = all(not p or q for p, q in zip(passed, passed[1:], strict=False))
+    runs = search.runs
     n_runs = len(runs)
     return IntrinsicDimensionResult(
         d_int=hi,
@@ -532,5 +560,5 @@ def intrinsic_dimension(
             "dtype": str(problem.train.dtype).removeprefix("torch."),
             "device": str(problem.train.device),
         },
-        cost={**cost, "runs": n_runs, "train_steps": n_runs * steps},
+        cost=meter.cost.add(runs=n_runs, train_steps=n_runs * steps),
     )

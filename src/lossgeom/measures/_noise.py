@@ -19,16 +19,16 @@ is in :mod:`lossgeom.measures._difficulty`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 from torch.func import grad as func_grad
 from torch.func import vmap
 
+from lossgeom._results import Result, timed
 from lossgeom.curvature import eigenvalues, gradient_covariance
-from lossgeom.measures._common import dataclass_to_dict, measure_cost
 from lossgeom.objective import NonFiniteError, Objective
 
 __all__ = ["GradientNoiseResult", "NoiseScaleResult", "gradient_noise", "noise_scale"]
@@ -40,18 +40,8 @@ SIGMA = (
 B_SIMPLE = "B_simple = tr(Sigma) / |g|^2 (McCandlish et al. 2018, eq. 2.4)"
 
 
-class _Result:
-    """``to_dict`` shared by the results: plain JSON values, ``vectors`` left out."""
-
-    _skip: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        """The result as plain JSON values (eigenvector matrices left out)."""
-        return dataclass_to_dict(self, skip=self._skip)
-
-
 @dataclass(frozen=True)
-class NoiseScaleResult(_Result):
+class NoiseScaleResult(Result):
     r"""The simple noise scale with its parts.
 
     Attributes:
@@ -75,13 +65,10 @@ class NoiseScaleResult(_Result):
     grad_norm_sq: float
     grad_norm_sq_stderr: float
     method: str
-    definition: str
-    parameters: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class GradientNoiseResult(_Result):
+class GradientNoiseResult(Result):
     r"""Top of the gradient-noise spectrum, its trace and the noise scale.
 
     Attributes:
@@ -106,10 +93,7 @@ class GradientNoiseResult(_Result):
     grad_norm_sq: float
     noise_scale: float
     top_fraction: float
-    definition: str
-    parameters: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)
-    _skip = ("vectors",)
+    bulky: ClassVar[tuple[str, ...]] = ("vectors",)
 
 
 def _check_objective(obj: object, what: str) -> Objective:
@@ -311,26 +295,63 @@ def noise_scale(
     theta = obj.check_theta(theta)
     params: dict = {"method": method, "seed": seed, "objective": obj.info()}
     if method == "per_sample":
-        _require_per_sample(
-            obj,
-            "noise_scale(method='per_sample')",
-            ", or use method='two_batch', which needs only minibatch gradients",
+        return _per_sample_noise_scale(obj, theta, params, cache_bytes)
+    b_small, b_big = _check_two_batch(obj, batch_sizes, n_repeats, chunk_size)
+    params.update(batch_sizes=[b_small, b_big], n_repeats=n_repeats)
+    with timed(obj) as meter:
+        traces, norms, n_grads = _two_batch(
+            obj, theta, b_small, b_big, n_repeats, seed, chunk_size
         )
-        with measure_cost(obj) as cost:
-            _, tr, g2 = _per_sample_parts(obj, theta, cache_bytes)
-        return NoiseScaleResult(
-            value=tr / g2 if g2 > 0 else math.inf,
-            stderr=0.0,
-            trace=tr,
-            trace_stderr=0.0,
-            grad_norm_sq=g2,
-            grad_norm_sq_stderr=0.0,
-            method=method,
-            definition=f"{B_SIMPLE}; {SIGMA}; exact from per-sample gradients",
-            parameters=params,
-            cost=dict(cost),
-        )
+    cost = meter.cost.add(minibatch_gradients=n_grads, samples=n_repeats * b_big)
+    tr, g2 = float(traces.mean()), float(norms.mean())
+    root = math.sqrt(n_repeats)
+    return NoiseScaleResult(
+        value=tr / g2 if g2 != 0 else math.inf,
+        stderr=_jackknife_ratio(traces, norms),
+        trace=tr,
+        trace_stderr=float(traces.std()) / root,
+        grad_norm_sq=g2,
+        grad_norm_sq_stderr=float(norms.std()) / root,
+        method=method,
+        definition=(
+            f"{B_SIMPLE}; {SIGMA}; tr(Sigma) and |g|^2 from unbiased two-batch-size "
+            "estimators (McCandlish et al. 2018, App. A, corrected for sampling "
+            "without replacement), ratio of their means over repeats"
+        ),
+        parameters=params,
+        cost=cost,
+    )
 
+
+def _per_sample_noise_scale(
+    obj: Objective, theta: Tensor, params: dict, cache_bytes: int | None
+) -> NoiseScaleResult:
+    """The noise scale exact on the data, from per-sample gradients."""
+    _require_per_sample(
+        obj,
+        "noise_scale(method='per_sample')",
+        ", or use method='two_batch', which needs only minibatch gradients",
+    )
+    with timed(obj) as meter:
+        _, tr, g2 = _per_sample_parts(obj, theta, cache_bytes)
+    return NoiseScaleResult(
+        value=tr / g2 if g2 > 0 else math.inf,
+        stderr=0.0,
+        trace=tr,
+        trace_stderr=0.0,
+        grad_norm_sq=g2,
+        grad_norm_sq_stderr=0.0,
+        method="per_sample",
+        definition=f"{B_SIMPLE}; {SIGMA}; exact from per-sample gradients",
+        parameters=params,
+        cost=meter.cost,
+    )
+
+
+def _check_two_batch(
+    obj: Objective, batch_sizes: object, n_repeats: object, chunk_size: object
+) -> tuple[int, int]:
+    """Refuse bad settings of the two-batch estimator; ``(B_small, B_big)``."""
     if obj.data_parallel:
         raise ValueError(
             "noise_scale(method='two_batch') draws minibatches from the data held "
@@ -369,30 +390,7 @@ def noise_scale(
         raise ValueError(
             f"chunk_size must be a positive integer or None; got {chunk_size!r}."
         )
-    params.update(batch_sizes=[b_small, b_big], n_repeats=n_repeats)
-    with measure_cost(obj) as cost:
-        traces, norms, n_grads = _two_batch(
-            obj, theta, b_small, b_big, n_repeats, seed, chunk_size
-        )
-    cost = dict(cost, minibatch_gradients=n_grads, samples=n_repeats * b_big)
-    tr, g2 = float(traces.mean()), float(norms.mean())
-    root = math.sqrt(n_repeats)
-    return NoiseScaleResult(
-        value=tr / g2 if g2 != 0 else math.inf,
-        stderr=_jackknife_ratio(traces, norms),
-        trace=tr,
-        trace_stderr=float(traces.std()) / root,
-        grad_norm_sq=g2,
-        grad_norm_sq_stderr=float(norms.std()) / root,
-        method=method,
-        definition=(
-            f"{B_SIMPLE}; {SIGMA}; tr(Sigma) and |g|^2 from unbiased two-batch-size "
-            "estimators (McCandlish et al. 2018, App. A, corrected for sampling "
-            "without replacement), ratio of their means over repeats"
-        ),
-        parameters=params,
-        cost=cost,
-    )
+    return b_small, b_big
 
 
 def gradient_noise(
@@ -438,7 +436,7 @@ def gradient_noise(
     limit, why = _sigma_limit(obj)
     k = _check_k(k, limit, what, why)
     theta = obj.check_theta(theta)
-    with measure_cost(obj) as cost:
+    with timed(obj) as meter:
         op, tr, g2 = _per_sample_parts(obj, theta, cache_bytes)
         res = eigenvalues(op, k, seed=seed, tol=tol, max_matvecs=max_matvecs)
     return GradientNoiseResult(
@@ -458,5 +456,5 @@ def gradient_noise(
             "cached": bool(op.cached),
             "objective": obj.info(),
         },
-        cost=dict(cost, sigma_matvecs=res.n_matvecs),
+        cost=meter.cost.add(matvecs=res.cost.matvecs, sigma_matvecs=res.cost.matvecs),
     )

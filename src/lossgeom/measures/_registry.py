@@ -1,10 +1,10 @@
 """Measures by name, for training callbacks and studies.
 
-Each entry is ``fn(objective, *, seed, **options) -> result`` where the result has a
-scalar ``value`` (and, when stochastic, ``stderr``). A training config lists them
-under ``metrics.measures`` as ``{name, options, every}``; each measurement writes
-``<name>``, ``<name>_stderr`` (when there is one) and ``<name>_seconds`` into the
-metrics row.
+Each entry is ``fn(obj, *, seed, **options) -> Result``. A training config lists
+them under ``metrics.measures`` as ``{name, options, every}``; each measurement
+writes the result's :meth:`~lossgeom.Result.scalars` into the metrics row under
+its key: ``<key>`` for ``value``, ``<key>_stderr`` and ``<key>_bound`` for the
+error bars, ``<key>_<name>`` for other headline numbers, and ``<key>_seconds``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lossgeom._results import Result
 from lossgeom.curvature import condition_number, effective_rank, logdet
 from lossgeom.objective import Objective
 
-__all__ = ["CALLBACKS", "check_options", "default_key", "register", "run_measure"]
+__all__ = [
+    "CALLBACKS",
+    "check_options",
+    "default_key",
+    "register",
+    "row_entries",
+    "run_measure",
+]
 
 CALLBACKS: dict[str, Callable[..., Any]] = {}
 
@@ -26,15 +34,6 @@ CALLBACKS: dict[str, Callable[..., Any]] = {}
 def register(name: str, fn: Callable[..., Any]) -> None:
     """Make ``fn(objective, **options)`` available as measure ``name``."""
     CALLBACKS[name] = fn
-
-
-def _scalar(x: Any) -> float | None:
-    if x is None:
-        return None
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
 
 
 def default_key(name: str, options: dict[str, Any]) -> str:
@@ -54,12 +53,12 @@ def default_key(name: str, options: dict[str, Any]) -> str:
 
 def run_measure(
     name: str,
-    objective: Objective,
+    obj: Objective,
     options: dict[str, Any],
     seed: int,
     key: str | None = None,
-) -> dict[str, float | None]:
-    """Run measure ``name``; its row entries (value, stderr, seconds) under ``key``."""
+) -> dict[str, float]:
+    """Run measure ``name``; its row entries (headline numbers, seconds) under ``key``."""
     if name not in CALLBACKS:
         raise ValueError(f"unknown measure {name!r}; known: {sorted(CALLBACKS)}.")
     fn = CALLBACKS[name]
@@ -68,15 +67,35 @@ def run_measure(
         kwargs["seed"] = seed
     key = key or default_key(name, options)
     start = time.perf_counter()
-    result = fn(objective, **kwargs)
-    row: dict[str, float | None] = {key: _scalar(getattr(result, "value", None))}
-    stderr = _scalar(getattr(result, "stderr", None))
-    if stderr is not None and not math.isnan(stderr):
-        row[f"{key}_stderr"] = stderr
-    bound = _scalar(getattr(result, "error", None))  # a bound, not a stderr
-    if bound is not None:
-        row[f"{key}_error"] = bound
-    row[f"{key}_seconds"] = time.perf_counter() - start
+    result = fn(obj, **kwargs)
+    if not isinstance(result, Result):
+        raise TypeError(
+            f"measure {name!r} returned a {type(result).__name__}; a measure must "
+            "return a lossgeom Result (see lossgeom.Result)."
+        )
+    return row_entries(result, key, seconds=time.perf_counter() - start)
+
+
+def row_entries(
+    result: Result, key: str, seconds: float | None = None
+) -> dict[str, float]:
+    """A result's headline numbers as metrics-row columns under ``key``.
+
+    ``value`` goes to ``key``, every other name ``n`` to ``key_n``; a ``nan``
+    standard error or bound (no error bar) is left out.
+
+    Example:
+        >>> from lossgeom.linalg import TraceResult
+        >>> row_entries(TraceResult(2.0, 0.1, "hutchinson", 4), "trace")
+        {'trace': 2.0, 'trace_stderr': 0.1}
+    """
+    row: dict[str, float] = {}
+    for name, x in result.scalars().items():
+        if name in ("stderr", "bound") and math.isnan(x):
+            continue
+        row[key if name == "value" else f"{key}_{name}"] = x
+    if seconds is not None:
+        row[f"{key}_seconds"] = seconds
     return row
 
 

@@ -26,21 +26,25 @@ and ``"sam"`` in scaled coordinates :math:`\delta = T_\theta z`,
 (``normalization="filter"``). With ``eta=0`` both are exactly invariant to the
 layer-wise rescalings that leave a ReLU network's function unchanged (Dinh et al.
 2017), which change plain sharpness arbitrarily.
+
+The kinds live in :mod:`lossgeom.measures._sharpness_worst` (worst, keskar, sam)
+and :mod:`lossgeom.measures._sharpness_gaussian` (average, pac_bayes), on the
+shared :mod:`lossgeom.measures._sharpness_base`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import torch
 from torch import Tensor
 
+from lossgeom._results import Result, timed
 from lossgeom.curvature import hessian, logdet
-from lossgeom.geometry import normalize_direction
-from lossgeom.measures._common import dataclass_to_dict, measure_cost
+from lossgeom.measures._sharpness_base import _Outcome, _scale
+from lossgeom.measures._sharpness_gaussian import _average, _pac_bayes
+from lossgeom.measures._sharpness_worst import _sam, _worst
 from lossgeom.objective import Objective
 
 __all__ = ["SharpnessResult", "sharpness"]
@@ -61,22 +65,15 @@ _NORMS_OF_KIND: dict[str, tuple[str, ...]] = {
 _ADAPTIVE_KINDS = ("worst", "average", "sam")
 _NORMALIZATIONS = ("elementwise", "filter")
 _DEFAULT_SAMPLES = {"average": 64, "pac_bayes": 32, "logdet": 10}
-# Auto-PGD constants (Croce & Hein 2020): momentum, the fraction of increasing
-# steps below which the step size is halved, checkpoint spacing (fractions of N).
-_MOMENTUM = 0.75
-_RHO = 0.75
-_FIRST_CHECK, _CHECK_DECREASE, _MIN_CHECK = 0.22, 0.03, 0.06
-# Points sent to Objective.evaluate at once are bounded to about this many bytes.
-_POINT_BYTES = 2**28
 
 
 @dataclass(frozen=True)
-class SharpnessResult:
+class SharpnessResult(Result):
     """A sharpness measurement: its number, what it means, and what it cost.
 
     Attributes:
         value: the sharpness (for ``"pac_bayes"``: the sigma found).
-        stderr: Monte Carlo (or probe) standard error of ``value``; ``None`` where
+        stderr: Monte Carlo (or probe) standard error of ``value``; ``nan`` where
             the measure is not stochastic (``"worst"``, ``"sam"``, ``"keskar"``,
             ``"pac_bayes"``, whose bracket is in ``details``).
         kind: the measure (see :func:`sharpness`).
@@ -91,17 +88,10 @@ class SharpnessResult:
     """
 
     value: float
-    stderr: float | None
+    stderr: float
     kind: str
-    definition: str
-    parameters: dict[str, Any]
-    cost: dict[str, float]
-    details: dict[str, Any]
     perturbation: Tensor | None = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict:
-        """Plain JSON values (without the ``perturbation`` vector)."""
-        return dataclass_to_dict(self, skip=("perturbation",))
+    bulky: ClassVar[tuple[str, ...]] = ("perturbation",)
 
 
 def sharpness(
@@ -227,6 +217,161 @@ def sharpness(
         >>> abs(res.value / (0.5 * lam * 0.1**2) - 1) < 1e-3
         True
     """
+    norm, normalization, samples = _check_arguments(
+        obj,
+        radius,
+        kind,
+        norm,
+        adaptive,
+        normalization,
+        eta,
+        steps,
+        restarts,
+        samples,
+        lanczos_steps,
+        target_drop,
+        magnitude_eps,
+        tol,
+    )
+    theta = obj.check_theta(theta).detach().clone()
+    radius = float(radius)
+    parameters: dict[str, Any] = {
+        "radius": radius,
+        "norm": norm,
+        "adaptive": bool(adaptive),
+        "normalization": normalization,
+        "eta": float(eta) if adaptive else None,
+        "seed": int(seed),
+        "mode": obj.mode,
+    }
+
+    with timed(obj) as meter:
+        out = _measure(
+            obj,
+            theta,
+            kind,
+            radius,
+            parameters,
+            norm=norm,
+            normalization=normalization,
+            eta=eta,
+            steps=steps,
+            restarts=restarts,
+            samples=samples,
+            lanczos_steps=lanczos_steps,
+            target_drop=target_drop,
+            magnitude_eps=magnitude_eps,
+            tol=tol,
+            chunk_size=chunk_size,
+            seed=seed,
+        )
+    value = out.value
+    if kind == "keskar":
+        base = out.details["base_loss"]
+        out.details["loss_increase"] = value
+        value = 100.0 * value / (1.0 + base)
+    return SharpnessResult(
+        value=float(value),
+        stderr=math.nan if out.stderr is None else float(out.stderr),
+        kind=kind,
+        definition=_definition(kind, parameters),
+        parameters=parameters,
+        cost=meter.cost,
+        details=out.details,
+        perturbation=None if out.delta is None else out.delta.detach().cpu(),
+    )
+
+
+def _measure(
+    obj: Objective,
+    theta: Tensor,
+    kind: str,
+    radius: float,
+    parameters: dict[str, Any],
+    *,
+    norm: str | None,
+    normalization: str | None,
+    eta: float,
+    steps: int,
+    restarts: int,
+    samples: int,
+    lanczos_steps: int,
+    target_drop: float,
+    magnitude_eps: float,
+    tol: float,
+    chunk_size: int | None,
+    seed: int,
+) -> _Outcome:
+    """Measure ``kind``; the settings it used are added to ``parameters``."""
+    if kind in ("worst", "keskar"):
+        if kind == "keskar":
+            scale = theta.abs() + 1.0
+        else:
+            scale = _scale(obj, theta, normalization, eta)
+        parameters.update(steps=steps, restarts=restarts)
+        return _worst(obj, theta, scale, radius, norm, steps, restarts, seed)
+    if kind == "average":
+        parameters.update(samples=samples, chunk_size=chunk_size)
+        scale = _scale(obj, theta, normalization, eta)
+        return _average(obj, theta, scale, radius, samples, chunk_size, seed)
+    if kind == "sam":
+        return _sam(obj, theta, _scale(obj, theta, normalization, eta), radius, norm)
+    if kind == "logdet":
+        parameters.update(samples=samples, lanczos_steps=lanczos_steps)
+        est = logdet(
+            hessian(obj, theta),
+            shift=radius,
+            n_probes=samples,
+            lanczos_steps=lanczos_steps,
+            seed=seed,
+        )
+        return _Outcome(
+            est.value,
+            est.stderr,
+            dict(est.details, n_matvecs=est.cost.matvecs),
+        )
+    parameters.update(
+        samples=samples,
+        target_drop=target_drop,
+        magnitude_eps=magnitude_eps,
+        tol=tol,
+        chunk_size=chunk_size,
+    )
+    return _pac_bayes(
+        obj,
+        theta,
+        radius,
+        samples,
+        target_drop,
+        magnitude_eps,
+        tol,
+        chunk_size,
+        seed,
+    )
+
+
+# ---------------------------------------------------------------- validation
+def _check_arguments(
+    obj: object,
+    radius: object,
+    kind: object,
+    norm: str | None,
+    adaptive: object,
+    normalization: str | None,
+    eta: object,
+    steps: object,
+    restarts: object,
+    samples: int | None,
+    lanczos_steps: object,
+    target_drop: object,
+    magnitude_eps: object,
+    tol: object,
+) -> tuple[str | None, str | None, int]:
+    """Refuse bad arguments of :func:`sharpness`.
+
+    Returns:
+        The resolved ``(norm, normalization, samples)``.
+    """
     if not isinstance(obj, Objective):
         raise TypeError(
             "expected obj to be a lossgeom.Objective (lg.Objective(model, loss_fn, "
@@ -254,81 +399,9 @@ def sharpness(
         )
     _check_positive("magnitude_eps", magnitude_eps, allow_zero=True)
     _check_positive("tol", tol)
-    theta = obj.check_theta(theta).detach().clone()
-    radius = float(radius)
-    parameters: dict[str, Any] = {
-        "radius": radius,
-        "norm": norm,
-        "adaptive": bool(adaptive),
-        "normalization": normalization,
-        "eta": float(eta) if adaptive else None,
-        "seed": int(seed),
-        "mode": obj.mode,
-    }
-
-    with measure_cost(obj) as cost:
-        if kind in ("worst", "keskar"):
-            if kind == "keskar":
-                scale = theta.abs() + 1.0
-            else:
-                scale = _scale(obj, theta, normalization, eta)
-            parameters.update(steps=steps, restarts=restarts)
-            out = _worst(obj, theta, scale, radius, norm, steps, restarts, seed)
-        elif kind == "average":
-            parameters.update(samples=samples, chunk_size=chunk_size)
-            scale = _scale(obj, theta, normalization, eta)
-            out = _average(obj, theta, scale, radius, samples, chunk_size, seed)
-        elif kind == "sam":
-            out = _sam(obj, theta, _scale(obj, theta, normalization, eta), radius, norm)
-        elif kind == "logdet":
-            parameters.update(samples=samples, lanczos_steps=lanczos_steps)
-            est = logdet(
-                hessian(obj, theta),
-                shift=radius,
-                n_probes=samples,
-                n_steps=lanczos_steps,
-                seed=seed,
-            )
-            out = _Outcome(
-                est.value, est.stderr, dict(est.info, n_matvecs=est.n_matvecs)
-            )
-        else:
-            parameters.update(
-                samples=samples,
-                target_drop=target_drop,
-                magnitude_eps=magnitude_eps,
-                tol=tol,
-                chunk_size=chunk_size,
-            )
-            out = _pac_bayes(
-                obj,
-                theta,
-                radius,
-                samples,
-                target_drop,
-                magnitude_eps,
-                tol,
-                chunk_size,
-                seed,
-            )
-    value = out.value
-    if kind == "keskar":
-        base = out.details["base_loss"]
-        out.details["loss_increase"] = value
-        value = 100.0 * value / (1.0 + base)
-    return SharpnessResult(
-        value=float(value),
-        stderr=None if out.stderr is None else float(out.stderr),
-        kind=kind,
-        definition=_definition(kind, parameters),
-        parameters=parameters,
-        cost=dict(cost),
-        details=out.details,
-        perturbation=None if out.delta is None else out.delta.detach().cpu(),
-    )
+    return norm, normalization, samples
 
 
-# ---------------------------------------------------------------- validation
 def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> None:
     ok = (
         isinstance(value, (int, float))
@@ -392,303 +465,6 @@ def _resolve_normalization(
             f"({why}). Use adaptive=False with this kind."
         )
     return normalization or "elementwise"
-
-
-# --------------------------------------------------------------- the scale T
-def _filter_scale(obj: Objective, theta: Tensor) -> Tensor:
-    """Per-entry filter scale: each filter's root-mean-square, ``|theta_i|`` for 1-D.
-
-    The all-ones direction normalized filter by filter (Li et al. 2018, as
-    :func:`lossgeom.normalize_direction` does it, 1-D parameters entry by entry).
-    """
-    ones = torch.ones_like(theta)
-    return normalize_direction(obj, ones, "filter", one_dim="filter", theta=theta)
-
-
-def _scale(
-    obj: Objective, theta: Tensor, normalization: str | None, eta: float
-) -> Tensor | None:
-    if normalization is None:
-        return None
-    base = theta.abs() if normalization == "elementwise" else _filter_scale(obj, theta)
-    return base + eta
-
-
-# ------------------------------------------------------------------- kinds
-@dataclass
-class _Outcome:
-    value: float
-    stderr: float | None
-    details: dict[str, Any]
-    delta: Tensor | None = None
-
-
-def _project(norm: str, radius: float) -> Callable[[Tensor], Tensor]:
-    if norm == "l2":
-
-        def project(z: Tensor) -> Tensor:
-            n = float(z.norm())
-            return z * (radius / n) if n > radius else z
-
-        return project
-    return lambda z: z.clamp(-radius, radius)
-
-
-def _ascent_direction(norm: str, g: Tensor) -> Tensor:
-    if norm == "linf":
-        return g.sign()
-    n = g.norm()
-    return g / n if float(n) > 0 else torch.zeros_like(g)
-
-
-def _random_start(
-    norm: str, radius: float, d: int, gen: torch.Generator, like: Tensor
-) -> Tensor:
-    if norm == "linf":
-        z = (2 * torch.rand(d, generator=gen, dtype=torch.float64) - 1) * radius
-    else:
-        z = torch.randn(d, generator=gen, dtype=torch.float64)
-        z = z * (0.5 * radius / z.norm().clamp_min(1e-300))
-    return z.to(device=like.device, dtype=like.dtype)
-
-
-def _worst(
-    obj: Objective,
-    theta: Tensor,
-    scale: Tensor | None,
-    radius: float,
-    norm: str,
-    steps: int,
-    restarts: int,
-    seed: int,
-) -> _Outcome:
-    """Auto-PGD ascent of ``f(z) = L(theta + T z)`` over ``||z||_norm <= radius``."""
-    project = _project(norm, radius)
-
-    def point(z: Tensor) -> Tensor:
-        return theta + (z if scale is None else scale * z)
-
-    def f_and_g(z: Tensor) -> tuple[float, Tensor]:
-        f, g = obj.loss_and_grad(point(z))
-        return f, (g if scale is None else scale * g)
-
-    base, g0 = obj.loss_and_grad(theta)
-    gz0 = g0 if scale is None else scale * g0
-    gen = torch.Generator().manual_seed(int(seed))
-    best_f, best_z = base, torch.zeros_like(theta)
-    per_restart, halvings, starts = [], [], []
-    for r in range(restarts):
-        if r == 0 and float(gz0.abs().max()) > 0:
-            z0, start = radius * _ascent_direction(norm, gz0), "first-order"
-        else:
-            z0, start = _random_start(norm, radius, theta.numel(), gen, theta), "random"
-        f_r, z_r, n_halved = _apgd(
-            f_and_g, lambda z: obj.loss(point(z)), z0, project, norm, radius, steps
-        )
-        per_restart.append(f_r - base)
-        halvings.append(n_halved)
-        starts.append(start)
-        if f_r > best_f:
-            best_f, best_z = f_r, z_r
-    delta = best_z if scale is None else scale * best_z
-    details = {
-        "base_loss": base,
-        "max_loss": best_f,
-        "per_restart": per_restart,
-        "best_restart": int(max(range(restarts), key=per_restart.__getitem__)),
-        "starts": starts,
-        "halvings": halvings,
-        "steps": steps,
-        "restarts": restarts,
-        "delta_l2": float(delta.norm()),
-        "delta_linf": float(delta.abs().max()),
-        "z_norm": float(best_z.norm() if norm == "l2" else best_z.abs().max()),
-    }
-    return _Outcome(best_f - base, None, details, delta)
-
-
-def _apgd(
-    f_and_g: Callable[[Tensor], tuple[float, Tensor]],
-    f_only: Callable[[Tensor], float],
-    z: Tensor,
-    project: Callable[[Tensor], Tensor],
-    norm: str,
-    radius: float,
-    steps: int,
-) -> tuple[float, Tensor, int]:
-    """One Auto-PGD run of ``steps`` moves; returns the best value, point, halvings."""
-    z = project(z)
-    f, g = f_and_g(z)
-    best_f, best_z, best_g = f, z, g
-    z_prev = z
-    step = 2.0 * radius
-    interval = max(int(_FIRST_CHECK * steps), 1)
-    decrease = max(int(_CHECK_DECREASE * steps), 1)
-    min_interval = max(int(_MIN_CHECK * steps), 1)
-    since_check, increases, halved = 0, 0, 0
-    halved_last_check, best_at_last_check = False, best_f
-    for k in range(steps):
-        u = project(z + step * _ascent_direction(norm, g))
-        a = 1.0 if k == 0 else _MOMENTUM
-        z_prev, z = z, project(z + a * (u - z) + (1 - a) * (z - z_prev))
-        if k == steps - 1:
-            f_new, g = f_only(z), g
-        else:
-            f_new, g = f_and_g(z)
-        increases += f_new > f
-        f = f_new
-        if f > best_f:
-            best_f, best_z, best_g = f, z, g
-        since_check += 1
-        if since_check == interval and k < steps - 1:
-            stalled = increases <= _RHO * interval
-            flat = not halved_last_check and best_f <= best_at_last_check
-            halved_last_check = stalled or flat
-            best_at_last_check = best_f
-            if halved_last_check:
-                step /= 2
-                halved += 1
-                z, z_prev, f, g = best_z, best_z, best_f, best_g
-            since_check, increases = 0, 0
-            interval = max(interval - decrease, min_interval)
-    return best_f, best_z, halved
-
-
-def _average(
-    obj: Objective,
-    theta: Tensor,
-    scale: Tensor | None,
-    sigma: float,
-    samples: int,
-    chunk_size: int | None,
-    seed: int,
-) -> _Outcome:
-    base = obj.loss(theta)
-    gen = torch.Generator().manual_seed(int(seed))
-    rises = []
-    block = _block_size(theta, samples)
-    for start in range(0, samples, block):
-        m = min(block, samples - start)
-        Z = torch.randn(m, theta.numel(), generator=gen, dtype=torch.float64)
-        Z = Z.to(device=theta.device, dtype=theta.dtype) * sigma
-        D = Z if scale is None else Z * scale
-        rises.append(obj.evaluate(theta + D, chunk_size=chunk_size).double() - base)
-    rise = torch.cat(rises).cpu()
-    bad = ~torch.isfinite(rise)
-    if bool(bad.any()):
-        raise ValueError(
-            f"the loss was not finite at {int(bad.sum())} of {samples} Gaussian "
-            f"perturbations of sigma={sigma:g} (first at sample "
-            f"{int(bad.nonzero()[0])}); use a smaller radius."
-        )
-    mean = float(rise.mean())
-    stderr = float(rise.std(unbiased=True)) / math.sqrt(samples)
-    details = {
-        "base_loss": base,
-        "mean_loss": base + mean,
-        "std": float(rise.std(unbiased=True)),
-        "max_increase": float(rise.max()),
-        "samples": samples,
-    }
-    return _Outcome(mean, stderr, details)
-
-
-def _sam(
-    obj: Objective, theta: Tensor, scale: Tensor | None, rho: float, norm: str
-) -> _Outcome:
-    base, g = obj.loss_and_grad(theta)
-    gz = g if scale is None else scale * g
-    z = rho * _ascent_direction(norm, gz)
-    delta = z if scale is None else scale * z
-    loss = obj.loss(theta + delta)
-    dual = gz.norm() if norm == "l2" else gz.abs().sum()
-    details = {
-        "base_loss": base,
-        "perturbed_loss": loss,
-        "first_order": rho * float(dual),
-        "grad_norm": float(g.norm()),
-        "delta_l2": float(delta.norm()),
-    }
-    return _Outcome(loss - base, None, details, delta)
-
-
-def _block_size(theta: Tensor, samples: int) -> int:
-    """Points per :meth:`Objective.evaluate` call (one data pass each)."""
-    per_point = theta.numel() * 8  # drawn in float64
-    return max(1, min(samples, _POINT_BYTES // max(per_point, 1)))
-
-
-def _pac_bayes(
-    obj: Objective,
-    theta: Tensor,
-    sigma_hi: float,
-    samples: int,
-    target: float,
-    eps: float,
-    tol: float,
-    chunk_size: int | None,
-    seed: int,
-) -> _Outcome:
-    if not obj.knows_accuracy:
-        raise ValueError(
-            "kind='pac_bayes' needs training accuracy: outputs (n, C>1) and integer "
-            "class targets (n,); this objective has none. Use a classification "
-            "model and loss, or another kind."
-        )
-    base = float(obj.evaluate_metrics(theta.unsqueeze(0))["accuracy"][0])
-    block = _block_size(theta, samples)
-    history: dict[float, tuple[float, float]] = {}
-
-    def accuracy(sigma: float) -> tuple[float, float]:
-        if sigma not in history:
-            std = (sigma**2 * theta.square() + eps**2).sqrt()
-            gen = torch.Generator().manual_seed(int(seed))  # same draws every sigma
-            accs = []
-            for start in range(0, samples, block):
-                m = min(block, samples - start)
-                Z = torch.randn(m, theta.numel(), generator=gen, dtype=torch.float64)
-                Z = Z.to(device=theta.device, dtype=theta.dtype)
-                metrics = obj.evaluate_metrics(theta + Z * std, chunk_size=chunk_size)
-                accs.append(metrics["accuracy"].double().cpu())
-            a = torch.cat(accs)
-            history[sigma] = (float(a.mean()), float(a.std()) / math.sqrt(samples))
-        return history[sigma]
-
-    def drop(sigma: float) -> float:
-        return base - accuracy(sigma)[0]
-
-    lo, hi = 0.0, sigma_hi
-    doublings = 0
-    while drop(hi) <= target and doublings < 30:
-        lo, hi, doublings = hi, 2 * hi, doublings + 1
-    bracketed = drop(hi) > target
-    if bracketed:
-        for _ in range(60):
-            if hi - lo <= tol * hi:
-                break
-            if lo == 0.0 and hi < 1e-6 * sigma_hi:
-                break  # the floor noise eps alone already drops accuracy too much
-            mid = 0.5 * (lo + hi)
-            if drop(mid) > target:
-                hi = mid
-            else:
-                lo = mid
-    # Not bracketed: no sigma up to hi drops the accuracy by the target, so the
-    # answer is "larger than hi"; report inf (hi is in details), not hi itself.
-    sigma = lo if bracketed else math.inf
-    acc, acc_err = accuracy(lo if bracketed else hi)
-    details = {
-        "base_accuracy": base,
-        "accuracy": acc,
-        "accuracy_stderr": acc_err,
-        "accuracy_drop": base - acc,
-        "bracket": [lo, hi],
-        "bracketed": bracketed,
-        "flatness": 1.0 / sigma**2 if sigma > 0 else math.inf,
-        "sigma_tested_up_to": hi,
-        "history": [[s, base - a] for s, (a, _) in sorted(history.items())],
-    }
-    return _Outcome(sigma, None, details)
 
 
 # ---------------------------------------------------------------- definition

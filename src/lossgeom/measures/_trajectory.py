@@ -11,21 +11,21 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from lossgeom.measures._common import dataclass_to_dict, measure_cost
-from lossgeom.measures._projections import _check_int, _check_threshold
+from lossgeom._results import Result, timed
+from lossgeom.measures._checks import _check_int, _check_threshold
 
 __all__ = ["EffectiveDimensionResult", "TrajectoryRecorder", "effective_dimension"]
 
 
 # ---------------------------------------------------------- effective dimension
 @dataclass(frozen=True)
-class EffectiveDimensionResult:
+class EffectiveDimensionResult(Result):
     """How many principal components explain a fraction of the variance.
 
     Attributes:
@@ -52,13 +52,10 @@ class EffectiveDimensionResult:
     num_params: int
     centered: bool
     source: str
-    definition: str
-    parameters: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        """Plain JSON values."""
-        return dataclass_to_dict(self)
+    def scalars(self) -> dict[str, float]:
+        """The effective dimension (``value``)."""
+        return {"value": float(self.dimension)}
 
 
 def _flat_rows(vectors: object, keys: Sequence[str] | None) -> Tensor:
@@ -162,7 +159,7 @@ def effective_dimension(
         3
     """
     threshold = _check_threshold(threshold)
-    with measure_cost(None) as cost:
+    with timed() as meter:
         rows = _flat_rows(vectors, keys)
         if differences:
             if rows.shape[0] < 2:
@@ -215,7 +212,7 @@ def effective_dimension(
             "center": center,
             "keys": list(keys) if keys is not None else None,
         },
-        cost=dict(cost),
+        cost=meter.cost,
     )
 
 

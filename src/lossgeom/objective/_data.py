@@ -196,77 +196,18 @@ def make_source(
             f"batch_size must be a positive integer or None; got {batch_size!r}."
         )
     place = _Placement(torch.device(device), dtype)
-
     if (
         isinstance(data, (tuple, list))
         and len(data) == 2
         and all(isinstance(t, Tensor) for t in data)
     ):
-        X, Y = data
-        if X.ndim == 0 or Y.ndim == 0:
-            raise ValueError(
-                "expected inputs and targets with a leading sample dimension; got "
-                f"inputs {tuple(X.shape)} and targets {tuple(Y.shape)}."
-            )
-        if X.shape[0] != Y.shape[0]:
-            raise ValueError(
-                "inputs and targets must have the same number of samples (first "
-                f"dimension); got inputs {tuple(X.shape)} and targets "
-                f"{tuple(Y.shape)}."
-            )
-        if X.shape[0] == 0:
-            raise ValueError(
-                "the data is empty: inputs and targets have 0 samples. Pass at least "
-                "one sample."
-            )
-        idx = _subset_indices(X.shape[0], max_samples, seed)
-        if idx is not None:
-            X, Y = X[idx], Y[idx]
-        tensors = (place.inputs(X), place.targets(Y))
-        return DataSource(
-            "tensors",
-            f"tensors: inputs {tuple(X.shape)}, targets {tuple(Y.shape)}",
-            tensors=tensors,
-            batch_size=batch_size,
-            placement=place,
-        )
-
+        return _from_tensors(data[0], data[1], max_samples, batch_size, seed, place)
     if (
         isinstance(data, Dataset)
         and not isinstance(data, IterableDataset)
         and hasattr(data, "__len__")
     ):
-        n = len(data)
-        if n == 0:
-            raise ValueError(
-                f"the data is empty: the {type(data).__name__} has 0 samples. Pass at "
-                "least one sample."
-            )
-        idx = _subset_indices(n, max_samples, seed)
-        order = range(n) if idx is None else idx.tolist()
-        items = []
-        for i in order:
-            item = data[i]
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise TypeError(
-                    f"sample {i} of the {type(data).__name__}: expected an (input, "
-                    f"target) pair; got {_describe(item)}."
-                )
-            items.append(tuple(item))
-        X, Y = default_collate(items)
-        if not isinstance(X, Tensor) or not isinstance(Y, Tensor):
-            raise TypeError(
-                f"the {type(data).__name__}'s samples must collate to tensors; got "
-                f"inputs {_describe(X)} and targets {_describe(Y)}."
-            )
-        return DataSource(
-            "dataset",
-            f"{type(data).__name__} of {len(order)} samples",
-            tensors=(place.inputs(X), place.targets(Y)),
-            batch_size=batch_size,
-            placement=place,
-        )
-
+        return _from_dataset(data, max_samples, batch_size, seed, place)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Tensor)):
         if iter(data) is data:
             raise TypeError(
@@ -283,8 +224,85 @@ def make_source(
             placement=place,
             max_samples=max_samples,
         )
-
     raise TypeError(
         "expected data as an (inputs, targets) pair of tensors, a map-style Dataset "
         f"of (input, target) pairs, or a re-iterable of batches; got {_describe(data)}."
+    )
+
+
+def _from_tensors(
+    X: Tensor,
+    Y: Tensor,
+    max_samples: int | None,
+    batch_size: int | None,
+    seed: int,
+    place: _Placement,
+) -> DataSource:
+    """A source over ``(inputs, targets)`` tensors, checked and subset."""
+    if X.ndim == 0 or Y.ndim == 0:
+        raise ValueError(
+            "expected inputs and targets with a leading sample dimension; got "
+            f"inputs {tuple(X.shape)} and targets {tuple(Y.shape)}."
+        )
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(
+            "inputs and targets must have the same number of samples (first "
+            f"dimension); got inputs {tuple(X.shape)} and targets "
+            f"{tuple(Y.shape)}."
+        )
+    if X.shape[0] == 0:
+        raise ValueError(
+            "the data is empty: inputs and targets have 0 samples. Pass at least "
+            "one sample."
+        )
+    idx = _subset_indices(X.shape[0], max_samples, seed)
+    if idx is not None:
+        X, Y = X[idx], Y[idx]
+    tensors = (place.inputs(X), place.targets(Y))
+    return DataSource(
+        "tensors",
+        f"tensors: inputs {tuple(X.shape)}, targets {tuple(Y.shape)}",
+        tensors=tensors,
+        batch_size=batch_size,
+        placement=place,
+    )
+
+
+def _from_dataset(
+    data: Dataset,
+    max_samples: int | None,
+    batch_size: int | None,
+    seed: int,
+    place: _Placement,
+) -> DataSource:
+    """A source over a map-style Dataset, read once (or its subset) and collated."""
+    n = len(data)
+    if n == 0:
+        raise ValueError(
+            f"the data is empty: the {type(data).__name__} has 0 samples. Pass at "
+            "least one sample."
+        )
+    idx = _subset_indices(n, max_samples, seed)
+    order = range(n) if idx is None else idx.tolist()
+    items = []
+    for i in order:
+        item = data[i]
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(
+                f"sample {i} of the {type(data).__name__}: expected an (input, "
+                f"target) pair; got {_describe(item)}."
+            )
+        items.append(tuple(item))
+    X, Y = default_collate(items)
+    if not isinstance(X, Tensor) or not isinstance(Y, Tensor):
+        raise TypeError(
+            f"the {type(data).__name__}'s samples must collate to tensors; got "
+            f"inputs {_describe(X)} and targets {_describe(Y)}."
+        )
+    return DataSource(
+        "dataset",
+        f"{type(data).__name__} of {len(order)} samples",
+        tensors=(place.inputs(X), place.targets(Y)),
+        batch_size=batch_size,
+        placement=place,
     )

@@ -3,16 +3,20 @@
 ``lossgeom.train(config)`` (re-exported at the top level) runs a training loop from a
 typed, validated config: full-batch GD, SGD (momentum, Nesterov), Adam/AdamW,
 schedules with warm-up, weight decay, image augmentation on tensors, bf16 autocast,
-activation checkpointing; callbacks every k steps write losses, accuracy, gradient
-norm, sharpness (warm-started Lanczos) against the edge-of-stability threshold and
-the Hessian trace with its standard error to ``metrics.jsonl``; an optional
-curvature-adaptive step size ``c / lambda_max``; atomic safetensors checkpoints that
-resume to the same final weights; divergence recorded, not raised.
+activation checkpointing; callbacks (:class:`Callback`, built-in and the user's)
+every k steps write losses, accuracy, gradient norm, sharpness (warm-started
+Lanczos) against the edge-of-stability threshold and the Hessian trace with its
+standard error to ``metrics.jsonl``; an optional curvature-adaptive step size
+``c / lambda_max``; atomic safetensors checkpoints that resume to the same final
+weights; divergence recorded, not raised.
 """
 
 import sys
 import types
 
+from lossgeom.train._batches import augment
+from lossgeom.train._build import HalfSquaredError, build_model
+from lossgeom.train._callbacks import Callback, TrainState
 from lossgeom.train._config import (
     AdaptiveConfig,
     AugmentConfig,
@@ -29,14 +33,9 @@ from lossgeom.train._config import (
     UpdateDimensionConfig,
     load_config,
 )
-from lossgeom.train._loop import (
-    HalfSquaredError,
-    TrainResult,
-    augment,
-    schedule_factor,
-    train,
-)
+from lossgeom.train._loop import TrainResult, train
 from lossgeom.train._probes import stability_threshold
+from lossgeom.train._schedule import schedule_factor
 from lossgeom.train._state import (
     MetricsLog,
     checkpoint_states,
@@ -64,9 +63,13 @@ __all__ = [
     "HalfSquaredError",
     "TrainResult",
     "augment",
+    "build_model",
     "schedule_factor",
     "stability_threshold",
     "train",
+    # callbacks
+    "Callback",
+    "TrainState",
     # run directories
     "MetricsLog",
     "checkpoint_states",

@@ -262,7 +262,7 @@ class MeasureConfig(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> MeasureConfig:
-        from lossgeom.measures._registry import check_options, default_key
+        from lossgeom.measures import check_options, default_key
 
         check_options(self.name, self.options)
         column = self.key or default_key(self.name, self.options)
@@ -276,7 +276,7 @@ class MeasureConfig(_Strict):
     @property
     def column(self) -> str:
         """The metrics column this measure writes."""
-        from lossgeom.measures._registry import default_key
+        from lossgeom.measures import default_key
 
         return self.key or default_key(self.name, self.options)
 
@@ -315,7 +315,7 @@ class MetricsConfig(_Strict):
         sharpness: top Hessian eigenvalue, warm-started from the last one.
         sharpness_tol: its relative residual tolerance.
         sharpness_max_matvecs: its product budget per measurement.
-        trace_matvecs: Hessian trace with standard error (0: off).
+        trace_max_matvecs: Hessian trace with standard error (0: off).
         measures: further measures by name (sharpness, gradient noise, ...),
             each writing ``<name>``, ``<name>_stderr`` and ``<name>_seconds``.
         update_dimension: track the effective dimension of recent updates.
@@ -328,7 +328,7 @@ class MetricsConfig(_Strict):
     sharpness: bool = True
     sharpness_tol: PositiveFloat = 1e-3
     sharpness_max_matvecs: PositiveInt = 60
-    trace_matvecs: Annotated[int, Field(ge=0)] = 0
+    trace_max_matvecs: Annotated[int, Field(ge=0)] = 0
     measures: list[MeasureConfig] = Field(default_factory=list)
     update_dimension: UpdateDimensionConfig | None = None
 

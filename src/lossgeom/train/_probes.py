@@ -1,20 +1,33 @@
-"""Measurements during training: losses, gradient norm, sharpness, trace, edge of stability."""
+"""Built-in probe callbacks: losses, gradient norm, sharpness, edge of stability, trace.
+
+Each is a :class:`~lossgeom.train.Callback` that adds its columns to the metrics
+row in ``on_eval``; the curvature probes share the step's Hessian operator
+(``state.hessian``), whose kept graphs also give the gradient.
+"""
 
 from __future__ import annotations
 
-import time
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from lossgeom.curvature import HessianOperator, hessian
 from lossgeom.curvature.spectra import eigenvalues, trace
-from lossgeom.linalg import EigenResult, SymmetricOperator
-from lossgeom.measures._registry import run_measure
+from lossgeom.linalg import SymmetricOperator
 from lossgeom.objective import Objective
+from lossgeom.train._build import subset
+from lossgeom.train._callbacks import Callback, TrainState
 from lossgeom.train._config import MetricsConfig, OptimConfig
 
-__all__ = ["Prober", "stability_threshold"]
+__all__ = [
+    "GradientNorm",
+    "HessianTrace",
+    "LossAccuracy",
+    "Sharpness",
+    "TopEigenpair",
+    "stability_threshold",
+    "top_eigenpair",
+]
 
 
 def stability_threshold(optim: OptimConfig, lr: float) -> tuple[float, str]:
@@ -53,6 +66,153 @@ def stability_threshold(optim: OptimConfig, lr: float) -> tuple[float, str]:
     return (2 + 2 * b) / lr, "(2 + 2 beta) / eta"
 
 
+class TopEigenpair(NamedTuple):
+    """The top eigenpair of an operator, as tracked during training."""
+
+    value: float
+    vector: Tensor
+    residual: float
+    converged: bool
+    matvecs: int
+
+
+def top_eigenpair(
+    op: SymmetricOperator,
+    metrics: MetricsConfig,
+    seed: int,
+    v0: Tensor | None = None,
+) -> TopEigenpair:
+    """The top eigenpair of ``op`` for tracking during training.
+
+    Cheap by design: warm-started from ``v0``, no verification search, and the
+    residual from the Lanczos relation instead of one more product; tolerance
+    and budget from ``metrics.sharpness_tol`` and ``sharpness_max_matvecs``.
+    """
+    res = eigenvalues(
+        op,
+        1,
+        tol=metrics.sharpness_tol,
+        max_matvecs=metrics.sharpness_max_matvecs,
+        v0=v0,
+        seed=seed,
+        verify=False,
+        explicit_residuals=False,
+    )
+    return TopEigenpair(
+        value=float(res.values[0]),
+        vector=res.vectors,
+        residual=float(res.residuals[0]),
+        converged=bool(res.converged[0]),
+        matvecs=res.cost.matvecs,
+    )
+
+
+class LossAccuracy(Callback):
+    """``train_loss``, ``test_loss`` (and ``_accuracy``) on fixed seeded subsets.
+
+    Args:
+        state: the run (its data, and whether the targets are classes).
+        eval_samples: the subsets' size (``None``: the whole splits).
+        seed: seed of the subsets (the test subset's is ``seed + 1``).
+    """
+
+    def __init__(self, state: TrainState, eval_samples: int | None, seed: int):
+        self.sets = {"train": subset(state.train_data, eval_samples, seed)}
+        if state.test_data is not None:
+            self.sets["test"] = subset(state.test_data, eval_samples, seed + 1)
+        self.classification = state.classification
+
+    def on_eval(self, state: TrainState) -> None:
+        for name, (X, y) in self.sets.items():
+            for key, value in self._evaluate(state.model, state.loss_fn, X, y).items():
+                state.row[f"{name}_{key}"] = value
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module, loss_fn, X: Tensor, y: Tensor) -> dict:
+        was = model.training
+        model.eval()
+        try:
+            total, correct, n = 0.0, 0, X.shape[0]
+            for i in range(0, n, 1024):
+                out = model(X[i : i + 1024])
+                total += float(loss_fn(out, y[i : i + 1024])) * out.shape[0]
+                if self.classification:
+                    correct += int((out.argmax(1) == y[i : i + 1024]).sum())
+        finally:
+            model.train(was)
+        res = {"loss": total / n}
+        if self.classification:
+            res["accuracy"] = correct / n
+        return res
+
+
+class GradientNorm(Callback):
+    """``grad_norm``: the norm of the probe objective's gradient."""
+
+    def on_eval(self, state: TrainState) -> None:
+        state.row["grad_norm"] = float(state.hessian.gradient().norm())
+
+
+class Sharpness(Callback):
+    """The top Hessian eigenvalue against the edge-of-stability threshold.
+
+    Columns: ``sharpness`` (warm-started from the last measurement), its
+    ``_residual``, ``_converged`` and ``_matvecs``; ``eos_threshold`` and
+    ``eos_formula`` (:func:`stability_threshold` at the row's ``lr``);
+    ``eos_ratio``, which for Adam compares ``preconditioned_sharpness``
+    (``lambda_max(P^-1 H)``, from the first update on) instead.
+
+    Attributes:
+        v0: the last top eigenvector (the next warm start; checkpointed).
+        last: the last sharpness (checkpointed).
+    """
+
+    def __init__(self, metrics: MetricsConfig, optim: OptimConfig, seed: int):
+        self.metrics, self.optim, self.seed = metrics, optim, seed
+        self.v0: Tensor | None = None
+        self.last: float | None = None
+
+    def on_eval(self, state: TrainState) -> None:
+        seed = self.seed + state.step
+        top = top_eigenpair(state.hessian, self.metrics, seed, self.v0)
+        self.v0, self.last = top.vector, top.value
+        row = state.row
+        row["sharpness"] = top.value
+        row["sharpness_residual"] = top.residual
+        row["sharpness_converged"] = top.converged
+        row["sharpness_matvecs"] = top.matvecs
+        threshold, formula = stability_threshold(self.optim, state.lr)
+        row["eos_threshold"] = threshold
+        row["eos_formula"] = formula
+        if self.optim.name not in ("adam", "adamw"):
+            row["eos_ratio"] = top.value / threshold
+            return
+        scale = _adam_scale(state.objective, state.optimizer)
+        if scale is not None:
+            # lambda_max(P^-1 H) = lambda_max(P^-1/2 H P^-1/2), symmetric
+            pre = top_eigenpair(
+                _Preconditioned(state.hessian, scale), self.metrics, seed
+            )
+            row["preconditioned_sharpness"] = pre.value
+            row["eos_ratio"] = pre.value / threshold
+
+
+class HessianTrace(Callback):
+    """``trace`` of the probe objective's Hessian, its ``_stderr`` and ``_method``.
+
+    Args:
+        matvecs: Hessian-vector products per estimate.
+        seed: seed of the probes (plus the step).
+    """
+
+    def __init__(self, matvecs: int, seed: int):
+        self.matvecs, self.seed = matvecs, seed
+
+    def on_eval(self, state: TrainState) -> None:
+        tr = trace(state.hessian, self.matvecs, seed=self.seed + state.step)
+        state.row.update(trace=tr.value, trace_stderr=tr.stderr, trace_method=tr.method)
+
+
 class _Preconditioned(SymmetricOperator):
     """``D H D`` with ``D = diag(d)``: same eigenvalues as ``D^2 H``."""
 
@@ -80,162 +240,3 @@ def _adam_scale(
         v_hat = state["exp_avg_sq"] / (1 - b2**step)
         parts.append((v_hat.sqrt() + eps).reciprocal().sqrt().reshape(-1))
     return torch.cat(parts).to(objective.dtype)
-
-
-class Prober:
-    """The callbacks' measurements on fixed evaluation and probe sets.
-
-    Args:
-        model: the network being trained (read, never modified).
-        loss_fn: ``loss_fn(outputs, targets)``, mean over samples.
-        train: ``(X, y)`` of the training set.
-        test: ``(X, y)`` of the test set or ``None``.
-        metrics: what to measure.
-        optim: the optimizer config (for the edge-of-stability threshold).
-        seed: seed of the subsets and the Lanczos/trace probes.
-        classification: whether accuracy is meaningful.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn,
-        train: tuple[Tensor, Tensor],
-        test: tuple[Tensor, Tensor] | None,
-        metrics: MetricsConfig,
-        optim: OptimConfig,
-        seed: int,
-        classification: bool,
-    ):
-        self.model, self.loss_fn, self.cfg, self.optim = model, loss_fn, metrics, optim
-        self.seed, self.classification = seed, classification
-        self.sets = {"train": _subset(train, metrics.eval_samples, seed)}
-        if test is not None:
-            self.sets["test"] = _subset(test, metrics.eval_samples, seed + 1)
-        probe = _subset(train, metrics.probe_samples, seed + 2)
-        self.objective = Objective(model, loss_fn, probe, mode=metrics.probe_mode)
-        self.v0: Tensor | None = None
-        self.last_sharpness: float | None = None
-
-    @torch.no_grad()
-    def _evaluate(self, X: Tensor, y: Tensor) -> dict[str, float]:
-        was = self.model.training
-        self.model.eval()
-        try:
-            total, correct, n = 0.0, 0, X.shape[0]
-            for i in range(0, n, 1024):
-                out = self.model(X[i : i + 1024])
-                total += float(self.loss_fn(out, y[i : i + 1024])) * out.shape[0]
-                if self.classification:
-                    correct += int((out.argmax(1) == y[i : i + 1024]).sum())
-        finally:
-            self.model.train(was)
-        res = {"loss": total / n}
-        if self.classification:
-            res["accuracy"] = correct / n
-        return res
-
-    def top_eigenpair(
-        self, op: SymmetricOperator, seed: int, v0: Tensor | None = None
-    ) -> EigenResult:
-        """The top eigenpair of ``op`` for tracking during training.
-
-        Cheap by design: warm-started from ``v0``, no verification search, and
-        residuals from the Lanczos relation instead of one more product.
-        """
-        return eigenvalues(
-            op,
-            1,
-            tol=self.cfg.sharpness_tol,
-            max_matvecs=self.cfg.sharpness_max_matvecs,
-            v0=v0,
-            seed=seed,
-            verify=False,
-            explicit_residuals=False,
-        )
-
-    def sharpness(
-        self, seed: int, H: HessianOperator | None = None
-    ) -> dict[str, float | int | bool]:
-        """Top Hessian eigenvalue on the probe set, warm-started from the last one."""
-        res = self.top_eigenpair(
-            H if H is not None else hessian(self.objective), seed, self.v0
-        )
-        self.v0 = res.vectors
-        self.last_sharpness = float(res.values[0])
-        return {
-            "sharpness": self.last_sharpness,
-            "sharpness_residual": float(res.residuals[0]),
-            "sharpness_converged": bool(res.converged[0]),
-            "sharpness_matvecs": res.n_matvecs,
-        }
-
-    def measure(
-        self,
-        step: int,
-        lr: float,
-        optimizer: torch.optim.Optimizer,
-        *,
-        last: bool = False,
-    ) -> dict[str, object]:
-        """All configured measurements at ``step``; JSON-ready."""
-        start = time.perf_counter()
-        out: dict[str, object] = {}
-        for name, (X, y) in self.sets.items():
-            for key, value in self._evaluate(X, y).items():
-                out[f"{name}_{key}"] = value
-        H = hessian(self.objective)  # its kept graphs also give the gradient
-        out["grad_norm"] = float(H.gradient().norm())
-        if self.cfg.sharpness:
-            out.update(self.sharpness(seed=self.seed + step, H=H))
-            threshold, formula = stability_threshold(self.optim, lr)
-            out["eos_threshold"] = threshold
-            out["eos_formula"] = formula
-            if self.optim.name in ("adam", "adamw"):
-                scale = _adam_scale(self.objective, optimizer)
-                if scale is not None:
-                    # lambda_max(P^-1 H) = lambda_max(P^-1/2 H P^-1/2), symmetric
-                    pre = self.top_eigenpair(
-                        _Preconditioned(H, scale), self.seed + step
-                    )
-                    out["preconditioned_sharpness"] = float(pre.values[0])
-                    out["eos_ratio"] = float(pre.values[0]) / threshold
-            else:
-                out["eos_ratio"] = self.last_sharpness / threshold
-        if self.cfg.trace_matvecs:
-            tr = trace(
-                H,
-                self.cfg.trace_matvecs,
-                seed=self.seed + step,
-            )
-            out.update(trace=tr.value, trace_stderr=tr.stderr, trace_method=tr.method)
-        for spec in self.cfg.measures:
-            if spec.every is None or step % spec.every == 0 or last:
-                try:
-                    out.update(
-                        run_measure(
-                            spec.name,
-                            self.objective,
-                            spec.options,
-                            self.seed + step,
-                            key=spec.column,
-                        )
-                    )
-                except (ValueError, RuntimeError, ArithmeticError) as err:
-                    # A measure that cannot be taken at this point (e.g. log det of
-                    # an indefinite Hessian) is recorded; training goes on.
-                    out[spec.column] = None
-                    out[f"{spec.column}_failed"] = f"{type(err).__name__}: {err}"
-        out["probe_seconds"] = time.perf_counter() - start
-        return out
-
-
-def _subset(
-    data: tuple[Tensor, Tensor], size: int | None, seed: int
-) -> tuple[Tensor, Tensor]:
-    X, y = data
-    if size is None or size >= X.shape[0]:
-        return X, y
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(X.shape[0], generator=gen)[:size].to(X.device)
-    return X[idx], y[idx]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lossgeom._io import atomic_path, atomic_write_json, atomic_write_text
+from lossgeom._results import jsonable
 
 __all__ = [
     "MetricsLog",
@@ -30,19 +30,6 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^step_(\d+)\.json$")
-
-
-def jsonable(value: object) -> object:
-    """Replace non-finite floats by strings (strict JSON has no NaN) and tensors by lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Tensor):
-        return jsonable(value.tolist())
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def save_checkpoint(

@@ -1,9 +1,7 @@
-"""Figures of slices, surfaces and paths (matplotlib, Agg; ``pip install lossgeom[report]``).
+"""Figures of the landscape: 1-D slices, 2-D surfaces, paths between two points.
 
-Every function draws into a given ``ax`` or a new figure, returns the figure, and
-writes a PNG atomically when given ``path``. Figures state what they show: the
-direction normalization, the number of directions behind a band, and how far a
-drawn trajectory lies off the plane.
+Each figure states what it shows: the direction normalization, the number of
+directions behind a band, and how far a drawn trajectory lies off the plane.
 """
 
 from __future__ import annotations
@@ -12,46 +10,17 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+import numpy as np
 
-from lossgeom._io import atomic_path
+from lossgeom.report._base import array, finish, subplots
 
 __all__ = ["plot_paths", "plot_slice", "plot_surface"]
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "plotting needs matplotlib: pip install 'lossgeom[report]' (or matplotlib)."
-        ) from err
-    return plt
-
-
-def _finish(fig: Any, path: str | os.PathLike | None, dpi: int) -> Any:
-    if path is not None:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    return fig
-
-
-def _axes(ax: Any, projection: str | None = None, size=(5.5, 4.0)):
-    plt = _pyplot()
-    if ax is not None:
-        return ax.figure, ax
-    fig = plt.figure(figsize=size)
-    return fig, fig.add_subplot(111, projection=projection)
-
-
 def _normalization(directions: dict) -> str:
-    norm = directions.get("normalization", "?")
     if directions.get("source") == "given":
         return "given directions"
-    return f"{norm}-normalized"
+    return f"{directions.get('normalization', '?')}-normalized"
 
 
 def _axis_labels(directions: dict) -> tuple[str, str]:
@@ -83,10 +52,13 @@ def plot_slice(
         band: quantiles of the band drawn when there are several directions.
         show_each: draw every direction's slice thinly.
         dpi: resolution of the PNG.
+
+    Returns:
+        The matplotlib figure.
     """
-    fig, ax = _axes(ax)
-    a = result.alphas.double()
-    loss = result.loss.double()
+    fig, ax = subplots(ax)
+    a = array(result.alphas)
+    loss = array(result.loss)
     n = loss.shape[0]
     if show_each and n > 1:
         for row in loss:
@@ -96,31 +68,29 @@ def plot_slice(
         lo, hi = result.band(*band)
         ax.fill_between(
             a,
-            lo,
-            hi,
+            array(lo),
+            array(hi),
             color="C0",
             alpha=0.2,
             label=f"{int(band[0] * 100)}-{int(band[1] * 100)}% band",
         )
     if result.eval_loss is not None:
-        ax.plot(
-            a, result.eval_loss.double().mean(0), color="C1", lw=2, label="eval loss"
-        )
+        ax.plot(a, array(result.eval_loss).mean(0), color="C1", lw=2, label="eval loss")
     if result.quadratic is not None:
         ax.plot(
             a,
-            result.quadratic.double().mean(0),
+            array(result.quadratic).mean(0),
             "k--",
             lw=1,
             label="quadratic model L + a g.d + a^2 d.Hd/2",
         )
-        lo_, hi_ = float(loss.min()), float(loss.max())
+        lo_, hi_ = float(np.nanmin(loss)), float(np.nanmax(loss))
         pad = 0.05 * (hi_ - lo_ + 1e-12)
         ax.set_ylim(lo_ - pad, hi_ + pad)
     ax.set_xlabel(f"alpha ({_normalization(result.directions)} direction)")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
-    return _finish(fig, path, dpi)
+    return finish(fig, path, dpi)
 
 
 def plot_surface(
@@ -143,26 +113,32 @@ def plot_surface(
         levels: contour levels.
         log: colour by ``log10(loss)``.
         dpi: resolution of the PNG.
+
+    Returns:
+        The matplotlib figure.
     """
     if kind not in ("contour", "surface"):
         raise ValueError(f"kind must be 'contour' or 'surface'; got {kind!r}.")
-    fig, ax = _axes(ax, "3d" if kind == "surface" else None)
-    A, B = torch.meshgrid(
-        surface.alphas.double(), surface.betas.double(), indexing="ij"
-    )
-    Z = surface.loss.double()
+    if kind == "surface" and ax is not None and getattr(ax, "name", "") != "3d":
+        raise ValueError(
+            "kind='surface' draws into a 3-D axes; got a 2-D one. Pass an axes made "
+            "with projection='3d', or leave ax=None."
+        )
+    fig, ax = subplots(ax, "3d" if kind == "surface" else None)
+    A, B = np.meshgrid(array(surface.alphas), array(surface.betas), indexing="ij")
+    Z = array(surface.loss)
     label = "loss"
     if log:
-        Z, label = torch.log10(Z.clamp_min(1e-12)), "log10 loss"
+        Z, label = np.log10(np.maximum(Z, 1e-12)), "log10 loss"
     if kind == "contour":
         cs = ax.contourf(A, B, Z, levels=levels, cmap="viridis")
         ax.contour(A, B, Z, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
         fig.colorbar(cs, ax=ax, label=label)
         if surface.trajectory is not None:
-            t = surface.trajectory.double()
+            t = array(surface.trajectory)
             ax.plot(t[:, 0], t[:, 1], "w.-", lw=1, ms=3, label="trajectory (projected)")
             if surface.trajectory_residuals is not None:
-                r = float(surface.trajectory_residuals.max())
+                r = float(array(surface.trajectory_residuals).max())
                 ax.set_title(f"max off-plane distance of the path: {r:.3g}", fontsize=9)
             ax.legend(fontsize=8, loc="upper right")
         ax.plot([0], [0], "r*", ms=8)
@@ -172,7 +148,7 @@ def plot_surface(
     xlabel, ylabel = _axis_labels(surface.directions)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    return _finish(fig, path, dpi)
+    return finish(fig, path, dpi)
 
 
 def plot_paths(
@@ -191,24 +167,28 @@ def plot_paths(
         ax: draw here.
         path: write a PNG here (atomically).
         dpi: resolution of the PNG.
+
+    Returns:
+        The matplotlib figure.
     """
     if not isinstance(results, Sequence):
         results = [results]
     if labels is not None and len(labels) != len(results):
         raise ValueError(f"got {len(labels)} labels for {len(results)} paths.")
-    fig, ax = _axes(ax)
+    fig, ax = subplots(ax)
     for i, r in enumerate(results):
         name = labels[i] if labels is not None else getattr(r, "kind", f"path {i}")
+        ts = array(r.ts)
         ax.plot(
-            r.ts.double(),
-            r.loss.double(),
+            ts,
+            array(r.loss),
             marker=".",
             label=f"{name} (barrier {float(r.barrier):.3g})",
         )
         if getattr(r, "eval_loss", None) is not None:
             ax.plot(
-                r.ts.double(),
-                r.eval_loss.double(),
+                ts,
+                array(r.eval_loss),
                 ls="--",
                 color=ax.lines[-1].get_color(),
                 label=f"{name}, eval set",
@@ -216,4 +196,4 @@ def plot_paths(
     ax.set_xlabel("t")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
-    return _finish(fig, path, dpi)
+    return finish(fig, path, dpi)

@@ -5,7 +5,7 @@
 :class:`FastfoodProjection` (Le, Sarlos & Smola 2013, memory ``O(D)``): seeded linear
 maps ``z -> P z`` with a transpose product, whose backward is the transpose product
 (no intermediates kept). :func:`fwht` is the fast Walsh-Hadamard transform Fastfood
-is built from. Used by :func:`lossgeom.intrinsic_dimension`.
+is built from. Tensors only: used by :func:`lossgeom.intrinsic_dimension`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lossgeom.linalg import check_block
+from lossgeom.linalg._operator import check_block
 
 __all__ = [
     "DenseProjection",
@@ -40,19 +40,6 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be an integer {bound}; got {value!r}.")
     return int(value)
-
-
-def _check_threshold(threshold: object) -> float:
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, (int, float))
-        or not 0 < threshold <= 1
-    ):
-        raise ValueError(
-            f"threshold must be a fraction in (0, 1] (e.g. 0.9 for 90%); got "
-            f"{threshold!r}."
-        )
-    return float(threshold)
 
 
 def _check_subspace(dim: object, num_params: int) -> int:

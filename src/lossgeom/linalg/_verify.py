@@ -1,0 +1,168 @@
+"""The verification search: a wanted eigenvalue that Lanczos missed, found or ruled out.
+
+A Krylov space of block size ``b`` cannot see more than ``b`` copies of a repeated
+eigenvalue. After :func:`~lossgeom.linalg.lanczos` converges, the operator with
+the found eigenvectors moved out of the way (:class:`_Deflated`) is searched once
+more from a fresh random start; an eigenvalue that belongs among the wanted ones
+is added and the search repeats.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lossgeom.linalg._eigen import EigenResult, _key
+from lossgeom.linalg._krylov import Stop, _lanczos_core, _lanczos_result
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked
+
+__all__ = ["verify"]
+
+# Where the found eigenvectors go in the deflated operator, in units of the
+# spectral scale: on the side of the spectrum the search does not want.
+_SHIFT_SIDE = {"largest": -2.0, "smallest": 2.0, "magnitude": 0.0}
+
+
+class _Deflated(SymmetricOperator):
+    """``P A P + shift U U^T`` with ``P = I - U U^T``: A with found eigenvectors moved.
+
+    The found directions get the eigenvalue ``shift``, chosen on the unwanted side
+    of the spectrum, so a search for the wanted end cannot return them.
+    """
+
+    def __init__(self, op: SymmetricOperator, U: Tensor, shift: float):
+        super().__init__(op.shape[0], op.dtype, op.device)
+        self.op, self.U, self.shift = op, U, shift
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        C = self.U.T @ V
+        W = self.op @ (V - self.U @ C)
+        return W - self.U @ (self.U.T @ W) + self.shift * (self.U @ C)
+
+
+class _Search:
+    """Short Lanczos runs for the wanted end of deflated operators, on one budget."""
+
+    def __init__(self, res: EigenResult, k: int, which: str, tol: float, seed: int):
+        self.k, self.which, self.tol, self.seed = k, which, tol, seed
+        self.budget = res.details["budget"]
+        self.used = res.cost.matvecs
+        self.scale = res.spectral_scale
+        self.rounds = 0
+
+    def __call__(
+        self,
+        deflated: SymmetricOperator,
+        v0: Tensor | None = None,
+        stop: Stop | None = None,
+    ) -> EigenResult:
+        """One Lanczos run for the wanted end of the deflated operator."""
+        out = _lanczos_core(
+            deflated,
+            1,
+            which=self.which,
+            tol=self.tol,
+            max_matvecs=min(self.budget - self.used, max(80, 4 * self.k)),
+            seed=self.seed + 7919 * self.rounds,
+            block_size=1,
+            v0=v0,
+            check_symmetry=False,
+            stop=stop,
+        )
+        self.used += out.cost.matvecs
+        self.scale = max(self.scale, out.spectral_scale)
+        return out
+
+
+def _missed(
+    op: SymmetricOperator, search: _Search, values: Tensor, vectors: Tensor
+) -> tuple[Tensor, Tensor] | None:
+    """A converged wanted eigenpair outside ``vectors``, or ``None`` if none is seen."""
+    k, which, tol = search.k, search.which, search.tol
+    deflated = _Deflated(op, vectors, _SHIFT_SIDE[which] * (search.scale + 1.0))
+    worst = float(_key(values[:k], which).min())
+    slack = tol * max(search.scale, 1e-300)
+    loose = max(tol, 1e-3) * max(search.scale, 1e-300)
+
+    def decided(theta: Tensor, r: Tensor) -> bool:
+        # theta is a Ritz value of the deflated operator: it proves a wanted
+        # eigenvalue was missed once it reaches the worst found one; the search
+        # gives up once theta has (loosely) converged clearly below it
+        key_t, r0 = float(_key(theta, which)[0]), float(r[0])
+        return key_t >= worst - slack or (r0 <= loose and key_t + r0 < worst - slack)
+
+    probe = search(deflated, stop=decided)
+    if float(_key(probe.values[:1], which)[0]) < worst - slack:
+        return None  # nothing missed (as far as a Krylov search can tell)
+    if not probe.all_converged:  # a missed one: converge it
+        probe = search(deflated, v0=probe.vectors)
+    theta, u = probe.values[:1], probe.vectors[:, :1]
+    if (
+        not probe.all_converged
+        or float(_key(theta, which)[0]) < worst - tol * search.scale
+    ):
+        return None
+    return theta, u
+
+
+def verify(
+    op: SymmetricOperator,
+    res: EigenResult,
+    k: int,
+    *,
+    which: str,
+    tol: float,
+    seed: int,
+    start: float,
+) -> EigenResult:
+    """``res`` with every missed wanted eigenpair the deflated searches find added.
+
+    Args:
+        op: the operator ``res`` belongs to.
+        res: a Lanczos result for ``which`` (not ``"both"``).
+        k: eigenpairs wanted.
+        which: the end of the spectrum.
+        tol: relative residual tolerance.
+        seed: seed of the Lanczos run behind ``res`` (the searches use others).
+        start: ``time.perf_counter()`` when the Lanczos run began.
+
+    Returns:
+        The best ``k`` pairs, with ``details`` of ``res`` plus ``verify_rounds``
+        and ``missed_found``.
+    """
+    search = _Search(res, k, which, tol, seed)
+    found = 0
+    values, vectors, residuals = res.values, res.vectors, res.residuals
+    while (
+        res.all_converged
+        and search.used < search.budget
+        and vectors.shape[1] < op.shape[0]
+    ):
+        search.rounds += 1
+        missed = _missed(op, search, values, vectors)
+        if missed is None:
+            break
+        # a missed eigenvalue (e.g. another copy of a repeated one): add it
+        theta, u = missed
+        found += 1
+        r = (apply_checked(op, u) - u * theta).norm(dim=0)
+        search.used += 1
+        values = torch.cat([values, theta])
+        vectors = torch.cat([vectors, u], 1)
+        residuals = torch.cat([residuals, r.to(residuals.dtype)])
+        order = torch.argsort(_key(values, which), descending=True)
+        values, vectors, residuals = values[order], vectors[:, order], residuals[order]
+    # already in the order of ``which``; the k best are the answer
+    values, vectors, residuals = values[:k], vectors[:, :k], residuals[:k]
+    return _lanczos_result(
+        values,
+        vectors,
+        residuals,
+        which=which,
+        tol=tol,
+        scale=search.scale,
+        matvecs=search.used,
+        start=start,
+        n_restarts=res.n_restarts,
+        details=dict(res.details, verify_rounds=search.rounds, missed_found=found),
+    )

@@ -1,0 +1,111 @@
+"""The checkpointing callback: periodic and final checkpoints, and resuming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lossgeom.train._callbacks import Callback, TrainState
+from lossgeom.train._config import TrainConfig
+from lossgeom.train._probes import Sharpness
+from lossgeom.train._schedule import StepSize
+from lossgeom.train._state import (
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = ["Checkpointer"]
+
+
+class Checkpointer(Callback):
+    """Save checkpoints at ``checkpoint.every`` / ``checkpoint.steps`` and the end.
+
+    A checkpoint after ``s`` updates holds what the run needs to go on exactly
+    as if never stopped: weights, optimizer, RNG, the batch loss of update
+    ``s - 1``, and the warm starts of the tracked eigenpairs (the sharpness
+    probe's and the adaptive step size's). A periodic checkpoint is written in
+    ``on_step`` (before the step's measurements); the final one in
+    ``on_train_end`` of a finished run (after the last measurements). With
+    ``checkpoint.keep_last``, older periodic checkpoints are deleted.
+
+    Args:
+        folder: the run's ``checkpoints/`` folder.
+        cfg: the run's config (saved in every checkpoint).
+        step_size: the step size rule, whose ``lambda_max`` is saved.
+        sharpness: the sharpness probe, whose warm start is saved (``None``:
+            no sharpness probe).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        cfg: TrainConfig,
+        step_size: StepSize,
+        sharpness: Sharpness | None,
+    ):
+        self.folder, self.cfg = folder, cfg
+        self.step_size, self.sharpness = step_size, sharpness
+
+    def restore(self, state: TrainState) -> None:
+        """Load the last complete checkpoint, if any, into the run."""
+        last = latest_checkpoint(self.folder)
+        if last is None:
+            return
+        meta, tensors = load_checkpoint(last, state.model, state.optimizer)
+        extra = meta["extra"]
+        state.step = state.resumed_from = int(meta["step"])
+        state.batch_loss = extra.get("last_loss")
+        self.step_size.v0 = tensors.get("adapt_v0")
+        self.step_size.lam = extra.get("adapt_lambda")
+        if self.sharpness is not None:
+            self.sharpness.v0 = tensors.get("probe_v0")
+            self.sharpness.last = extra.get("last_sharpness")
+
+    def on_step(self, state: TrainState) -> None:
+        if state.step < self.cfg.steps and self._due(state.step):
+            self._save(state)
+
+    def on_train_end(self, state: TrainState) -> None:
+        if state.status == "finished" and state.step != state.resumed_from:
+            self._save(state)
+
+    def _due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return step in self.cfg.checkpoint.steps or (
+            every is not None and step % every == 0
+        )
+
+    def _save(self, state: TrainState) -> None:
+        tensors = {}
+        probe_v0 = self.sharpness.v0 if self.sharpness is not None else None
+        if probe_v0 is not None:
+            tensors["probe_v0"] = probe_v0
+        if self.step_size.v0 is not None:
+            tensors["adapt_v0"] = self.step_size.v0
+        save_checkpoint(
+            self.folder,
+            state.step,
+            state.model,
+            state.optimizer,
+            config=self.cfg.model_dump(mode="json"),
+            extra_tensors=tensors,
+            extra={
+                "adapt_lambda": self.step_size.lam,
+                "last_sharpness": (
+                    self.sharpness.last if self.sharpness is not None else None
+                ),
+                "last_loss": state.batch_loss,
+            },
+        )
+        self._prune()
+
+    def _prune(self) -> None:
+        keep = self.cfg.checkpoint.keep_last
+        if keep is None:
+            return
+        pinned = set(self.cfg.checkpoint.steps) | {self.cfg.steps}
+        periodic = [(t, p) for t, p in checkpoints(self.folder) if t not in pinned]
+        for _, p in periodic[:-keep]:
+            p.with_suffix(".safetensors").unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
