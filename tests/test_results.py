@@ -187,6 +187,21 @@ def test_one_nonfinite_rule_reads_back_with_float():
     assert math.isnan(float(out["t"]))
 
 
+def _arrays_file(folder: Path) -> Path:
+    (only,) = folder.glob("arrays-*.safetensors")
+    return only
+
+
+def test_saving_again_replaces_the_old_generation(tmp_path):
+    A = torch.diag(torch.arange(1.0, 7.0, dtype=DTYPE))
+    first = lg.eigenvalues(DenseOperator(A), 2).save(tmp_path / "r")
+    old = _arrays_file(first)
+    second = lg.eigenvalues(DenseOperator(3 * A), 2)
+    second.save(tmp_path / "r")
+    assert not old.exists() and _arrays_file(tmp_path / "r") != old
+    assert_results_equal(lg.load_result(tmp_path / "r"), second)
+
+
 def test_damaged_or_mixed_folders_are_refused_naming_the_file(tmp_path):
     A = torch.diag(torch.arange(1.0, 7.0, dtype=DTYPE))
     first = lg.eigenvalues(DenseOperator(A), 2)
@@ -196,14 +211,15 @@ def test_damaged_or_mixed_folders_are_refused_naming_the_file(tmp_path):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "result.json").write_bytes((a / "result.json").read_bytes())
-    (mixed / "arrays.safetensors").write_bytes((b / "arrays.safetensors").read_bytes())
-    with pytest.raises(ValueError, match="arrays.safetensors does not belong"):
+    a_arrays, b_arrays = _arrays_file(a), _arrays_file(b)
+    (mixed / a_arrays.name).write_bytes(b_arrays.read_bytes())
+    with pytest.raises(ValueError, match=r"arrays-\w+\.safetensors does not belong"):
         lg.load_result(mixed)
     # a flipped byte in the arrays
-    raw = bytearray((a / "arrays.safetensors").read_bytes())
+    raw = bytearray(a_arrays.read_bytes())
     raw[-3] ^= 0xFF
-    (a / "arrays.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="arrays.safetensors"):
+    a_arrays.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=a_arrays.name):
         lg.load_result(a)
     # an edited number in the JSON that still parses
     text = (b / "result.json").read_text()
@@ -236,8 +252,8 @@ def test_saved_files_follow_the_umask(tmp_path):
         folder = lg.linalg.TraceResult(1.0, 0.1, "hutchinson", 3).save(tmp_path / "r")
     finally:
         os.umask(old)
-    for f in ("result.json", "arrays.safetensors"):
-        assert (folder / f).stat().st_mode & 0o777 == 0o644
+    for f in (folder / "result.json", _arrays_file(folder)):
+        assert f.stat().st_mode & 0o777 == 0o644
 
 
 def test_cost_adds_and_meters_the_objective(problem):

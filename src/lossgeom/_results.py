@@ -20,7 +20,7 @@ read back. :func:`jsonable` applies the rule everywhere the package writes JSON
 (results, metrics rows, checkpoints' sidecars), so every file it writes parses
 with any strict JSON reader.
 
-**Saving.** :meth:`Result.save` writes a folder with ``arrays.safetensors`` (every
+**Saving.** :meth:`Result.save` writes a folder with ``arrays-<generation>.safetensors`` (every
 tensor, at any depth) and ``result.json`` (everything else, with the class name).
 Both files carry one generation id; ``result.json`` records the SHA-256 of the
 arrays file and of its own content, so :func:`load_result` refuses a damaged file
@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 FORMAT = 2
-ARRAYS = "arrays.safetensors"
+ARRAYS = "arrays-{}.safetensors"  # one file per generation
 META = "result.json"
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _REGISTRY: dict[str, type] = {}
@@ -443,8 +443,12 @@ def _sha256(data: bytes) -> str:
 def save_result(result: Any, path: str | os.PathLike) -> Path:
     """Write ``result`` to the folder ``path`` (created); returns the folder.
 
-    The folder holds ``arrays.safetensors`` and ``result.json`` of one generation
+    The folder holds ``arrays-<generation>.safetensors`` and ``result.json``
     (see the module docstring); an earlier save in the same folder is replaced.
+    The arrays go to a file of their own generation first, then ``result.json``,
+    which names it, replaces the old one in one rename, and only then are older
+    arrays files removed: a process killed at any moment leaves the folder
+    holding the old save or the new one, complete.
 
     Raises:
         TypeError: ``result`` is not a lossgeom result, or a field holds something
@@ -469,18 +473,25 @@ def save_result(result: Any, path: str | os.PathLike) -> Path:
     arrays: dict[str, Tensor] = {}
     body = _encode(result, arrays, type(result).__name__)
     generation = uuid.uuid4().hex
-    with atomic_path(folder / ARRAYS, suffix=".safetensors") as tmp:
+    arrays_name = ARRAYS.format(generation)
+    with atomic_path(folder / arrays_name, suffix=".safetensors") as tmp:
         save_file(arrays, str(tmp), metadata={"generation": generation})
         arrays_sha = _sha256(tmp.read_bytes())
     meta = {
         "format": FORMAT,
         "type": type(result).__name__,
         "generation": generation,
+        "arrays": arrays_name,
         "arrays_sha256": arrays_sha,
         "result": body,
     }
     meta["sha256"] = _sha256(json.dumps(meta, sort_keys=True).encode())
     atomic_write_text(folder / META, json.dumps(meta, indent=1, allow_nan=False) + "\n")
+    for old in folder.glob(ARRAYS.format("*")):
+        if old.name != arrays_name:  # earlier generations, now unreferenced
+            old.unlink(missing_ok=True)
+    for tmp in (*folder.glob(".arrays-*"), *folder.glob(f".{META}.*")):
+        tmp.unlink(missing_ok=True)  # temp files of a save killed mid-write
     return folder
 
 
@@ -522,7 +533,10 @@ def load_result(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
     check = {k: v for k, v in meta.items() if k != "sha256"}
     if meta.get("sha256") != _sha256(json.dumps(check, sort_keys=True).encode()):
         raise _damaged(meta_file, "its checksum does not match its content")
-    arrays_file = folder / ARRAYS
+    name = meta.get("arrays")
+    if not isinstance(name, str) or Path(name).name != name:
+        raise _damaged(meta_file, f"it names no arrays file of this folder ({name!r})")
+    arrays_file = folder / name
     try:
         raw = arrays_file.read_bytes()
     except FileNotFoundError:

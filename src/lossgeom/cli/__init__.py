@@ -51,21 +51,63 @@ def train_cmd(
         True, help="Continue from the last checkpoint in the run directory."
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No line per measurement."),
+    allow_factory: bool = typer.Option(
+        False,
+        "--allow-factory",
+        help="Allow model.factory: import and run the code the config names.",
+    ),
 ) -> None:
-    """Train from CONFIG, writing metrics.jsonl, checkpoints and status.json."""
-    from lossgeom.train import ConfigError, train
+    """Train from CONFIG, writing metrics.jsonl, checkpoints and status.json.
+
+    Exit codes: 0 finished, 3 diverged; on an error one line on stderr and 2
+    (config), 4 (damaged file), 5 (run directory in use), 6 (I/O: disk full,
+    permissions), 130 (interrupted) or 1 (anything else).
+    """
+    from lossgeom.train import train
 
     try:
-        result = train(config, out, resume=resume, progress=not quiet)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
+        result = train(
+            config, out, resume=resume, progress=not quiet, allow_factory=allow_factory
+        )
+    except KeyboardInterrupt as err:
+        _fail("interrupted", err, 130)
+    except Exception as err:  # one clear line per kind of error, never a traceback
+        kind, code = _error_kind(err)
+        _fail(kind, err, code)
     typer.echo(
         f"{result.status} at step {result.step} in {result.cost.seconds:.1f} s; "
         f"run directory {result.run_dir}"
     )
     if result.status != "finished":
         raise typer.Exit(code=3)
+
+
+def _error_kind(err: BaseException) -> tuple[str, int]:
+    """What kind of error ``err`` is, for the message, and the exit code."""
+    from lossgeom.train import ConfigError, DamagedFileError, RunLockedError
+
+    if isinstance(err, ConfigError):
+        return "config error", 2
+    if isinstance(err, DamagedFileError):
+        return "damaged file", 4
+    if isinstance(err, RunLockedError):
+        return "run directory in use", 5
+    if isinstance(err, FileNotFoundError) and "training config" in str(err):
+        return "config error", 2
+    if isinstance(err, OSError):
+        return "I/O error", 6
+    if isinstance(err, (ValueError, TypeError)):
+        return "error", 2
+    return f"unexpected error ({type(err).__name__})", 1
+
+
+def _fail(kind: str, err: BaseException, code: int) -> None:
+    """Print ``kind: message`` (and where the traceback is) and exit with ``code``."""
+    typer.echo(f"{kind}: {err}", err=True)
+    where = getattr(err, "traceback_file", None)
+    if where is not None:
+        typer.echo(f"traceback: {where}", err=True)
+    raise typer.Exit(code=code) from None
 
 
 def main() -> None:

@@ -38,21 +38,21 @@ def condition_number(
     smallest eigenvalue of ``A + shift I`` at or above ``threshold * lambda_max``
     (a trained network's Hessian is indefinite with many eigenvalues near 0, so
     "smallest positive" needs a threshold; the value depends on it, and
-    ``parameters`` records it). ``lambda_+`` is interior, so it is found by Lanczos on
-    the folded operator ``(A - tau I)^2`` (``tau`` the threshold), whose smallest
-    eigenvalues belong to the eigenvalues of ``A`` nearest ``tau``; Rayleigh-Ritz
-    with ``A`` on those vectors separates eigenvalues mirrored about ``tau``.
-    Found that way, every distinct eigenvalue within the largest distance found
-    from ``tau`` is among them, so the smallest one above ``tau`` is certified once
-    one is found (the number sought doubles until then). The cost grows with the
-    number of distinct eigenvalues near ``tau``: on a trained network with a dense
-    cluster around 0, put ``threshold`` above the cluster. Each folded product
-    costs two products, and the folded spectrum is squared (slow convergence on a
-    dense cluster at ``tau``): ``converged`` says whether it succeeded within
-    ``max_matvecs``.
+    ``parameters`` records it). ``lambda_+`` is interior. When the budget covers
+    ``d`` products (and ``d <= 4096``), the whole matrix is formed and its
+    spectrum decides ``lambda_+`` exactly (``details["search"] == "dense"``).
+    Otherwise it is found by Lanczos on the folded operator ``(A - tau I)^2``
+    (``tau`` the threshold), whose smallest eigenvalues belong to the eigenvalues
+    of ``A`` nearest ``tau``; Rayleigh-Ritz with ``A`` on those vectors separates
+    eigenvalues mirrored about ``tau``. The folded spectrum is squared, so on a
+    dense cluster at ``tau`` it converges slowly and may not within
+    ``max_matvecs``: then ``converged`` is ``False``.
 
-    The error is a deterministic ``bound`` propagated from the residuals (an
-    eigenvalue's error is at most its residual norm); ``stderr`` is ``nan``.
+    The error is a deterministic ``bound`` (``stderr`` is ``nan``). When
+    ``converged``, ``lambda_+`` is certified within its residual norm. When not,
+    the Ritz value found proves only *an* eigenvalue near it, and a smaller one
+    above ``tau`` may have been missed, so ``bound`` covers everything down to
+    ``lambda_+ = tau`` (the ratio ``1 / threshold``): wide, but true.
 
     Args:
         obj: an operator, or an Objective (meaning its Hessian).
@@ -95,6 +95,10 @@ def condition_number(
     )
 
 
+# Largest dimension for which the whole matrix is formed when the budget allows.
+_DENSE_MAX_DIM = 4096
+
+
 class _Folded(SymmetricOperator):
     """``(A - tau I)^2``, counting products of ``A``."""
 
@@ -106,6 +110,88 @@ class _Folded(SymmetricOperator):
         W = self.obj @ V - self.tau * V
         self.n_products += 2 * V.shape[1]
         return self.obj @ W - self.tau * W
+
+
+def _dense_search(op: SymmetricOperator, tau: float) -> dict:
+    """``lambda_+`` from the whole matrix (``d`` products): exact to rounding.
+
+    The residual is the rounding of the products, measured by the matrix's
+    asymmetry, plus ``sqrt(d) eps ||A||`` for the eigendecomposition.
+    """
+    M = op.to_dense(max_dim=_DENSE_MAX_DIM).double()
+    asym = float(torch.linalg.matrix_norm(M - M.T)) / 2
+    ev = torch.linalg.eigvalsh((M + M.T) / 2)
+    eps = torch.finfo(op.dtype).eps
+    resid = asym + math.sqrt(op.shape[0]) * eps * float(ev.abs().max())
+    above = ev[ev >= tau]
+    theta = float(above[0]) if above.numel() else math.nan
+    return {
+        "theta": theta,
+        "resid": resid,
+        "certified": above.numel() > 0,
+        "products": op.shape[0],
+        "method": "dense",
+    }
+
+
+def _folded_search(
+    op: SymmetricOperator, tau: float, hi: float, tol: float, budget: int, seed: int
+) -> dict:
+    """``lambda_+`` by Lanczos on ``(A - tau I)^2`` and Rayleigh-Ritz with ``A``.
+
+    ``certified`` when the folded Ritz pairs converged, the pair found above
+    ``tau`` has a residual within ``tol |lambda_max|`` and lies further above
+    ``tau`` than its residual (so the eigenvalue it proves is at or above ``tau``).
+    """
+    dim = op.shape[0]
+    folded = _Folded(op, tau)
+    # A Krylov space sees every distinct eigenvalue, so further copies of a
+    # repeated one (a null space) need not be found: no verification search.
+    k, theta_plus, resid, certified = 8, math.nan, math.nan, False
+    while True:
+        k = min(k, dim)
+        remaining = max((budget - folded.n_products) // 2, 2 * k + 2)
+        # The folded spectrum is squared and crowded at its small end: a
+        # restarted Lanczos with a short basis barely moves, so keep a long one.
+        res = lanczos(
+            folded,
+            k,
+            which="smallest",
+            seed=seed,
+            tol=max(tol**2, 100 * torch.finfo(op.dtype).eps),
+            max_matvecs=remaining,
+            ncv=min(dim, max(4 * k, 150)),
+            explicit_residuals=False,
+            verify=False,
+        )
+        # Rayleigh-Ritz with A on the folded eigenvectors (in float64 at least).
+        work = torch.promote_types(op.dtype, torch.float64)
+        Q, _ = torch.linalg.qr(res.vectors.to(work))
+        AQ = (op @ Q.to(op.dtype)).to(work)
+        folded.n_products += Q.shape[1]
+        theta, S = torch.linalg.eigh(Q.T @ AQ)
+        R = AQ @ S - (Q @ S) * theta
+        above = (theta >= tau).nonzero().flatten()
+        if above.numel():
+            i = int(above[0])
+            theta_plus, resid = float(theta[i]), float(R[:, i].norm())
+            certified = (
+                res.all_converged
+                and resid <= tol * abs(hi)
+                and theta_plus - resid >= tau
+            )
+            break
+        if k >= dim or folded.n_products >= budget:
+            break
+        k *= 2
+    return {
+        "theta": theta_plus,
+        "resid": resid,
+        "certified": certified,
+        "products": folded.n_products,
+        "method": "folded Lanczos",
+        "folded_k": k,
+    }
 
 
 def _positive_condition(
@@ -125,7 +211,7 @@ def _positive_condition(
     budget = min(4000, 20 * dim) if max_matvecs is None else max_matvecs
     top = eigenvalues(op, 1, which="largest", tol=tol, seed=seed)
     hi = float(top.values[0]) + shift
-    used = top.cost.matvecs
+    r_hi = float(top.residuals[0])
     parameters = {"threshold": threshold, "shift": shift, "tol": tol, "seed": seed}
     if hi <= 0:
         return SpectralEstimate(
@@ -137,43 +223,20 @@ def _positive_condition(
             cost=top.cost,
         )
     tau = threshold * hi - shift  # in A's own eigenvalues
-    folded = _Folded(op, tau)
-    # A Krylov space sees every distinct eigenvalue, so further copies of a
-    # repeated one (a null space) need not be found: no verification search.
-    k, lam_plus, resid, converged = 8, math.nan, math.nan, False
-    while True:
-        k = min(k, dim)
-        remaining = max((budget - folded.n_products) // 2, 2 * k + 2)
-        # The folded spectrum is squared and crowded at its small end: a
-        # restarted Lanczos with a short basis barely moves, so keep a long one.
-        res = lanczos(
-            folded,
-            k,
-            which="smallest",
-            seed=seed,
-            tol=max(tol**2, 100 * torch.finfo(op.dtype).eps),
-            max_matvecs=remaining,
-            ncv=min(dim, max(4 * k, 150)),
-            explicit_residuals=False,
-            verify=False,
-        )
-        # Rayleigh-Ritz with A on the folded eigenvectors.
-        Q, _ = torch.linalg.qr(res.vectors)
-        AQ = op @ Q
-        folded.n_products += Q.shape[1]
-        theta, S = torch.linalg.eigh(Q.T @ AQ)
-        R = AQ @ S - (Q @ S) * theta
-        above = (theta >= tau).nonzero().flatten()
-        if above.numel():
-            i = int(above[0])
-            lam_plus = float(theta[i]) + shift
-            resid = float(R[:, i].norm())
-            converged = res.all_converged and resid <= tol * abs(hi)
-            break
-        if k >= dim or folded.n_products >= budget:
-            break
-        k *= 2
-    used += folded.n_products
+    if dim <= min(budget, _DENSE_MAX_DIM):
+        found = _dense_search(op, tau)
+    else:
+        found = _folded_search(op, tau, hi, tol, budget, seed)
+    lam_plus, resid = found["theta"] + shift, found["resid"]
+    converged = found["certified"] and bool(top.converged[0])
+    details = {
+        "lambda_max": hi,
+        "lambda_plus": lam_plus,
+        "lambda_plus_residual": resid,
+        "search": found["method"],
+    }
+    if "folded_k" in found:
+        details["folded_k"] = found["folded_k"]
     common = {
         "converged": converged,
         "definition": (
@@ -181,15 +244,49 @@ def _positive_condition(
             f"lambda_max) of A + {shift:g} I"
         ),
         "parameters": parameters,
-        "details": {"lambda_max": hi, "lambda_plus": lam_plus, "folded_k": k},
-        "cost": Cost(matvecs=used, seconds=time.perf_counter() - start),
+        "details": details,
+        "cost": Cost(
+            matvecs=top.cost.matvecs + found["products"],
+            seconds=time.perf_counter() - start,
+        ),
     }
     if math.isnan(lam_plus):
         return SpectralEstimate(value=math.nan, **common)
     value = hi / lam_plus
-    r_hi = float(top.residuals[0])
-    err = value * math.sqrt((r_hi / hi) ** 2 + (resid / lam_plus) ** 2)
-    return SpectralEstimate(value=value, bound=err, **common)
+    return SpectralEstimate(
+        value=value,
+        bound=_ratio_bound(value, hi, r_hi, lam_plus, resid, threshold, converged),
+        **common,
+    )
+
+
+def _ratio_bound(
+    value: float,
+    hi: float,
+    r_hi: float,
+    lam_plus: float,
+    resid: float,
+    threshold: float,
+    certified: bool,
+) -> float:
+    """How far ``lambda_max / lambda_+`` can be from ``value``.
+
+    ``hi`` is a Ritz value, so ``hi <= lambda_max <= hi + r_hi``, and by
+    definition ``lambda_+ >= threshold lambda_max >= threshold hi``. A certified
+    ``lambda_+`` lies within ``resid`` of ``lam_plus``. Otherwise the Ritz pair
+    only proves an eigenvalue within ``resid`` of ``lam_plus``: when that one is
+    above the threshold it bounds ``lambda_+`` from above, else ``lambda_max``
+    does; a smaller one may have been missed, down to the threshold.
+    """
+    floor = threshold * hi
+    if certified:
+        low, high = max(lam_plus - resid, floor), lam_plus + resid
+    else:
+        low = floor
+        high = lam_plus + resid if lam_plus - resid >= floor else hi + r_hi
+    kappa_max = (hi + r_hi) / max(low, 1e-300)
+    kappa_min = hi / high
+    return max(kappa_max - value, value - kappa_min, 0.0)
 
 
 @dataclass(frozen=True)

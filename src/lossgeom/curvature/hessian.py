@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 from torch.autograd.graph import saved_tensors_hooks
@@ -13,6 +15,36 @@ __all__ = ["HessianOperator", "hessian"]
 
 # Default memory budget for keeping the gradient's graph between products.
 _DEFAULT_CACHE_BYTES = 1 << 30
+
+
+class _Box:
+    """A tensor saved by a kept graph, held where the operator can let go of it.
+
+    A tensor that the graph saves for backward is often an output of the very node
+    that saves it; held directly by a saved-tensor hook it would hold its own
+    ``grad_fn``, a reference cycle through C++ that Python's garbage collector
+    cannot see. Saved in a box, the cycle is broken by emptying the box.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor):
+        self.tensor: Tensor | None = tensor
+
+    def unpack(self) -> Tensor:
+        if self.tensor is None:
+            raise RuntimeError(
+                "the Hessian operator's kept graph was released; build a new "
+                "operator with lg.hessian(obj)."
+            )
+        return self.tensor
+
+
+def _empty(boxes: list[_Box]) -> None:
+    """Let go of every saved tensor (frees the kept graphs)."""
+    for box in boxes:
+        box.tensor = None
+    boxes.clear()
 
 
 class HessianOperator(ObjectiveOperator):
@@ -45,6 +77,9 @@ class HessianOperator(ObjectiveOperator):
         self.cached: bool | None = None
         self.cache_nbytes = 0
         self._graphs: list[tuple[Tensor, Tensor]] | None = None
+        self._boxes: list[_Box] = []
+        # the kept graphs are freed when the operator is released or collected
+        self._finalizer = weakref.finalize(self, _empty, self._boxes)
         if (
             cache_bytes is None
             or objective.data_kind == "iterable"
@@ -57,16 +92,20 @@ class HessianOperator(ObjectiveOperator):
         graphs: list[tuple[Tensor, Tensor]] = []
         nbytes = 0
 
-        def pack(t: Tensor) -> Tensor:
+        boxes = self._boxes
+
+        def pack(t: Tensor) -> _Box:
             nonlocal nbytes
             nbytes += t.numel() * t.element_size()
-            return t
+            box = _Box(t)
+            boxes.append(box)
+            return box
 
         try:
             with (
                 obj.probe_mode(),
                 torch.enable_grad(),
-                saved_tensors_hooks(pack, lambda t: t),
+                saved_tensors_hooks(pack, _Box.unpack),
             ):
                 for x, y in obj.batches():
                     t = self.theta.clone().requires_grad_(True)
@@ -80,6 +119,7 @@ class HessianOperator(ObjectiveOperator):
         except (RuntimeError, NotImplementedError):
             graphs, nbytes = [], self.cache_bytes + 1  # no double backward: recompute
         if nbytes > self.cache_bytes:
+            _empty(boxes)
             self.cached = False
             return
         self._graphs, self.cache_nbytes, self.cached = graphs, nbytes, True
@@ -137,6 +177,7 @@ class HessianOperator(ObjectiveOperator):
 
     def release(self) -> None:
         """Drop the kept graphs (products then recompute)."""
+        _empty(self._boxes)
         self._graphs = None
         self.cached = False
         self.cache_nbytes = 0

@@ -167,5 +167,5 @@ def interpolate(
         eval_data=eval_data,
         chunk_size=chunk_size,
         meter=meter,
-        info={"distance": float((b - a).norm())},
+        info={"distance": float((b.double() - a.double()).norm())},
     )

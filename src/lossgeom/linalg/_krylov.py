@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lossgeom._results import Cost
 from lossgeom.linalg._eigen import EigenResult, Which, _check_args, _key
-from lossgeom.linalg._operator import SymmetricOperator, apply_checked
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked, product_eps
 
 __all__ = ["_lanczos_core", "_lanczos_result"]
 
@@ -89,7 +89,12 @@ def _orth_refill(
 
 
 def _check_symmetric(
-    upper: Tensor, lower: Tensor, size: float, d: int, dtype: torch.dtype
+    upper: Tensor,
+    lower: Tensor,
+    size: float,
+    d: int,
+    dtype: torch.dtype,
+    eps_products: float = 0.0,
 ) -> None:
     """Refuse an operator whose Krylov coupling is not symmetric.
 
@@ -98,7 +103,7 @@ def _check_symmetric(
     was orthogonalised): a free test on the first Krylov vectors, which are as
     random as any probe pair.
     """
-    eps = torch.finfo(dtype).eps  # of the operator (upper and lower are float64)
+    eps = max(torch.finfo(dtype).eps, eps_products)  # upper, lower are float64
     gap = float((upper - lower.T).abs().max())
     if gap > 1e3 * math.sqrt(d) * eps * max(size, 1e-300):
         i, j = divmod(int((upper - lower.T).abs().argmax()), upper.shape[1])
@@ -213,7 +218,9 @@ class _Krylov:
         n, nb = Q.shape[1], Qn.shape[1]
         if self.check_symmetry and self.first is not None and self.restarts == 0:
             B0, size0 = self.first
-            _check_symmetric(H[: n - nb], B0.double(), max(size, size0), d, dtype)
+            _check_symmetric(
+                H[: n - nb], B0.double(), max(size, size0), d, dtype, product_eps(op)
+            )
             self.first = None
         T_new = torch.zeros(n, n, dtype=torch.float64, device=device)
         T_new[: n - nb, : n - nb] = self.T

@@ -230,3 +230,38 @@ class DenseOperator(SymmetricOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.matrix @ V
+
+
+class _Promoted(SymmetricOperator):
+    """An operator seen in a working dtype of at least float32.
+
+    The algorithms orthogonalise, factorise and accumulate in the working dtype
+    (``torch.linalg`` has no QR or eigensolver in half precision, and a Krylov
+    basis kept in bfloat16 loses orthogonality at once); each product is computed
+    by the operator in its own dtype and cast back.
+
+    Attributes:
+        op: the operator.
+        product_dtype: the dtype its products are computed in (their rounding
+            decides what is noise, e.g. in symmetry tests).
+    """
+
+    def __init__(self, op: SymmetricOperator, dtype: torch.dtype):
+        super().__init__(op.shape[0], dtype, op.device)
+        self.op = op
+        self.product_dtype = op.dtype
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return (self.op @ V.to(self.op.dtype)).to(self._dtype)
+
+
+def working(op: SymmetricOperator) -> SymmetricOperator:
+    """``op`` itself in float32 or float64, else ``op`` seen in float32."""
+    if op.dtype in (torch.float32, torch.float64):
+        return op
+    return _Promoted(op, torch.promote_types(op.dtype, torch.float32))
+
+
+def product_eps(op: SymmetricOperator) -> float:
+    """The rounding unit of ``op``'s products (of its own dtype unless promoted)."""
+    return torch.finfo(getattr(op, "product_dtype", op.dtype)).eps

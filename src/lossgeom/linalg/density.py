@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lossgeom._results import Cost, Result
-from lossgeom.linalg._operator import SymmetricOperator, apply_checked
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked, working
 
 __all__ = ["DensityResult", "Quadrature", "kpm_density", "slq", "slq_density"]
 
@@ -44,6 +44,9 @@ class Quadrature(Result):
             down early, having found an invariant subspace) hold NaN.
         weights: ``(n_probes, m)`` weights, each row summing to 1 (0 where unused).
         dim: the operator's dimension ``d``.
+        residuals: ``(n_probes, m)`` Ritz residuals ``||A y_j - theta_j y_j||`` of
+            the nodes (``beta_m |s_mj|`` from the Lanczos relation; 0 where a
+            probe found an invariant subspace, NaN where unused), or ``None``.
         definition, parameters, details, cost: as for every
             :class:`~lossgeom.Result`.
     """
@@ -51,6 +54,7 @@ class Quadrature(Result):
     nodes: Tensor
     weights: Tensor
     dim: int
+    residuals: Tensor | None = None
     definition: str = field(
         default="Gauss quadrature of the spectral measure u^T f(A) u for random "
         "unit probes u, from Lanczos tridiagonals (Golub and Meurant 2010; Ubaru, "
@@ -77,6 +81,52 @@ class Quadrature(Result):
         n = per_probe.numel()
         err = float(per_probe.std() / math.sqrt(n)) if n > 1 else float("inf")
         return float(per_probe.mean()), err
+
+    def fraction_below(self, x: float) -> tuple[Tensor, Tensor]:
+        """Certain bounds, per probe, on the probe's spectral measure below ``x``.
+
+        Each probe's measure ``mu = sum_i (u . q_i)^2 delta(lambda_i)`` has
+        ``mu((-inf, x))`` between ``low`` and ``high``, whatever the eigenvalues:
+
+        * the Chebyshev-Markov-Stieltjes inequalities of Gauss quadrature: with
+          ``q`` the weight of the nodes below ``x``, the true value lies in
+          ``[q - w_k, q + w_{k+1}]`` (``w_k``, ``w_{k+1}`` the weights of the nodes
+          on either side of ``x``);
+        * the Ritz residuals: the probe is ``sum_j s_j y_j`` over Ritz vectors
+          ``y_j``, and ``y_j`` has at most ``r_j^2 / (theta_j - x)^2`` of its
+          spectral weight across ``x``; so ``sqrt(mu((-inf, x)))`` is within
+          ``delta = sum_j |s_j| min(1, r_j / |theta_j - x|)`` of ``sqrt(q)``, which
+          is tight when converged nodes stay clear of ``x`` (a gap in the spectrum).
+
+        The intersection of both is returned (exact arithmetic; full
+        reorthogonalisation keeps rounding far below these widths).
+
+        Args:
+            x: the point.
+
+        Returns:
+            ``(low, high)``, each of shape ``(n_probes,)``, in ``[0, 1]``.
+        """
+        used = self.weights > 0
+        nodes = torch.nan_to_num(self.nodes, nan=0.0)
+        w = self.weights * used
+        below = used & (nodes < x)
+        q = (w * below).sum(1)
+        at_left = torch.where(below, nodes, torch.full_like(nodes, -math.inf))
+        at_right = torch.where(used & ~below, nodes, torch.full_like(nodes, math.inf))
+        left = w.gather(1, at_left.argmax(1, keepdim=True)).squeeze(1)
+        right = w.gather(1, at_right.argmin(1, keepdim=True)).squeeze(1)
+        left = torch.where(below.any(1), left, torch.zeros_like(left))
+        right = torch.where((used & ~below).any(1), right, torch.zeros_like(right))
+        low, high = q - left, q + right
+        if self.residuals is not None:
+            r = torch.nan_to_num(self.residuals, nan=math.inf)
+            dist = (nodes - x).abs()
+            share = torch.where(dist > 0, r / dist, torch.ones_like(r)).clamp(max=1.0)
+            delta = (w.sqrt() * share * used).sum(1)
+            low = torch.maximum(low, (q.sqrt() - delta).clamp_min(0) ** 2)
+            high = torch.minimum(high, (q.sqrt() + delta) ** 2)
+        return low.clamp(0, 1), high.clamp(0, 1)
 
 
 @dataclass(frozen=True)
@@ -147,6 +197,7 @@ def slq(
         raise ValueError(
             f"lanczos_steps must be a positive integer; got {lanczos_steps!r}."
         )
+    op = working(op)  # the basis and recurrence in float32 at least
     d = op.shape[0]
     m = min(lanczos_steps, d)
     gen = torch.Generator(device=op.device).manual_seed(seed)
@@ -161,6 +212,8 @@ def slq(
     lengths = torch.full((n_probes,), m, dtype=torch.long, device=op.device)
     prev = torch.zeros_like(V)
     beta_prev = torch.zeros(n_probes, dtype=op.dtype, device=op.device)
+    # beta after each probe's last step: it scales the nodes' Ritz residuals
+    beta_last = torch.zeros(n_probes, dtype=torch.float64, device=op.device)
     n_mv = 0
     for j in range(m):
         W = apply_checked(op, V)
@@ -178,6 +231,7 @@ def slq(
         scale = alphas[:, : j + 1].abs().max(1).values.to(op.dtype).clamp_min(1e-300)
         broke = active & (beta <= 1e3 * torch.finfo(op.dtype).eps * scale)
         lengths[broke] = j + 1
+        beta_last = torch.where(active, beta.double(), beta_last)
         active = active & ~broke
         if j == m - 1 or not bool(active.any()):
             break
@@ -190,6 +244,7 @@ def slq(
         (n_probes, m), float("nan"), dtype=torch.float64, device=op.device
     )
     weights = torch.zeros(n_probes, m, dtype=torch.float64, device=op.device)
+    residuals = torch.full_like(nodes, float("nan"))
     for p in range(n_probes):
         n = int(lengths[p])
         T = torch.diag(alphas[p, :n])
@@ -199,11 +254,13 @@ def slq(
         theta, S = torch.linalg.eigh(T)
         nodes[p, :n] = theta
         weights[p, :n] = S[0] ** 2
+        residuals[p, :n] = beta_last[p] * S[-1].abs()
     weights = weights / weights.sum(1, keepdim=True)
     return Quadrature(
         nodes=nodes,
         weights=weights,
         dim=d,
+        residuals=residuals,
         parameters={"n_probes": n_probes, "lanczos_steps": lanczos_steps, "seed": seed},
         cost=Cost(matvecs=n_mv, seconds=time.perf_counter() - start),
     )
@@ -238,7 +295,9 @@ def slq_density(
     Args:
         op: symmetric operator.
         n_probes: random probes.
-        lanczos_steps: Lanczos steps per probe.
+        lanczos_steps: Lanczos steps per probe: each probe contributes that many
+            kernels (its quadrature nodes), so at least 2 (a single step puts one
+            spike at each probe's Rayleigh quotient); 40-100 resolve a spectrum.
         seed: seed of the probes.
         grid: points (tensor), a number of points, or ``None`` (1,000 points over
             the nodes' range padded by 5%).
@@ -256,6 +315,13 @@ def slq_density(
         True
     """
     start = time.perf_counter()
+    if isinstance(lanczos_steps, int) and lanczos_steps < 2 <= op.shape[0]:
+        raise ValueError(
+            f"lanczos_steps must be at least 2 for a density; got {lanczos_steps!r}. "
+            "Each probe's density is a sum of lanczos_steps kernels at its Lanczos "
+            "quadrature nodes, so one step gives a single spike per probe, not a "
+            "spectrum; use 40-100 (default 80)."
+        )
     quad = slq(op, n_probes, lanczos_steps, seed=seed, reorth=reorth)
     finite = quad.nodes[torch.isfinite(quad.nodes)]
     lo, hi = float(finite.min()), float(finite.max())
@@ -305,6 +371,7 @@ def kpm_density(
         A :class:`DensityResult` (``sigma`` is ``None``).
     """
     start = time.perf_counter()
+    op = working(op)  # the Chebyshev recurrence in float32 at least
     d = op.shape[0]
     n_mv = 0
     if bounds is None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lossgeom._results import Cost, Result
-from lossgeom.linalg._operator import SymmetricOperator, apply_checked
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked, working
 from lossgeom.linalg.trace import leave_one_out_bases
 
 __all__ = ["DiagonalResult", "diagonal_estimate"]
@@ -90,6 +90,7 @@ def diagonal_estimate(
         raise ValueError(f"method must be 'hutchinson' or 'xdiag'; got {method!r}.")
     if not isinstance(max_matvecs, int) or max_matvecs < 2:
         raise ValueError(f"max_matvecs must be an integer >= 2; got {max_matvecs!r}.")
+    dtype, op = op.dtype, working(op)  # sketches orthogonalised in float32 at least
     d = op.shape[0]
     gen = torch.Generator(device=op.device).manual_seed(seed)
 
@@ -112,8 +113,8 @@ def diagonal_estimate(
         var = (total_sq - used * mean * mean).clamp_min(0) / max(used - 1, 1)
         stderr = (var / used).sqrt()
         return DiagonalResult(
-            mean.to(op.dtype),
-            stderr.to(op.dtype),
+            mean.to(dtype),
+            stderr.to(dtype),
             "hutchinson",
             details={"n_probes": used},
             cost=Cost(matvecs=used, seconds=time.perf_counter() - start),
@@ -133,8 +134,8 @@ def diagonal_estimate(
     E = torch.stack(ests, 1).double()
     stderr = E.std(1) / math.sqrt(k)
     return DiagonalResult(
-        E.mean(1).to(op.dtype),
-        stderr.to(op.dtype),
+        E.mean(1).to(dtype),
+        stderr.to(dtype),
         "xdiag",
         details={"sketch_size": k},
         cost=Cost(matvecs=2 * k, seconds=time.perf_counter() - start),

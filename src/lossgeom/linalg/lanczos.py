@@ -26,6 +26,7 @@ iteration, for comparison) and :mod:`lossgeom.linalg._eigen` (the shared result)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch  # noqa: F401 - the example in lanczos' docstring runs with it
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from lossgeom.linalg._eigen import EIGEN_DEFINITION, EigenResult, Which
 from lossgeom.linalg._krylov import _lanczos_core
-from lossgeom.linalg._operator import SymmetricOperator
+from lossgeom.linalg._operator import SymmetricOperator, working
 from lossgeom.linalg._verify import verify as _verify
 from lossgeom.linalg.power import power_iteration
 
@@ -96,6 +97,9 @@ def lanczos(
         ([100.0, 99.0, 98.0], True)
     """
     start = time.perf_counter()
+    dtype, op = op.dtype, working(op)
+    if v0 is not None and isinstance(v0, Tensor):
+        v0 = v0.to(op.dtype)
     res = _lanczos_core(
         op,
         k,
@@ -109,6 +113,14 @@ def lanczos(
         check_symmetry=check_symmetry,
         explicit=explicit_residuals,
     )
-    if not verify or which == "both":
+    if verify and which != "both":
+        res = _verify(op, res, k, which=which, tol=tol, seed=seed, start=start)
+    if res.values.dtype == dtype:
         return res
-    return _verify(op, res, k, which=which, tol=tol, seed=seed, start=start)
+    # computed in a working precision: hand back the operator's dtype
+    return dataclasses.replace(
+        res,
+        values=res.values.to(dtype),
+        vectors=res.vectors.to(dtype),
+        residuals=res.residuals.to(dtype),
+    )

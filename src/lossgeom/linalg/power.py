@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lossgeom._results import Cost
 from lossgeom.linalg._eigen import EigenResult, _check_args
-from lossgeom.linalg._operator import SymmetricOperator
+from lossgeom.linalg._operator import SymmetricOperator, working
 
 __all__ = ["power_iteration"]
 
@@ -48,6 +48,7 @@ def power_iteration(
     """
     start = time.perf_counter()
     _check_args(op, k, "magnitude", tol)
+    dtype, op = op.dtype, working(op)  # accumulate in float32 at least
     d = op.shape[0]
     gen = torch.Generator(device=op.device).manual_seed(seed)
     budget = max_matvecs if max_matvecs is not None else k * max_iter
@@ -84,9 +85,9 @@ def power_iteration(
     scale = float(values.abs().max())
     order = torch.argsort(values.abs(), descending=True)
     return EigenResult(
-        values=values[order],
-        vectors=V[:, order],
-        residuals=residuals[order],
+        values=values[order].to(dtype),
+        vectors=V[:, order].to(dtype),
+        residuals=residuals[order].to(dtype),
         converged=residuals[order] <= tol * scale,
         cost=Cost(matvecs=n_mv, seconds=time.perf_counter() - start),
         method="power",

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lossgeom._results import Cost, Result
-from lossgeom.linalg._operator import SymmetricOperator, apply_checked
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked, working
 
 __all__ = ["TraceResult", "trace_estimate"]
 
@@ -153,6 +153,7 @@ def trace_estimate(
         raise ValueError(f"rel_tol must be positive or None; got {rel_tol!r}.")
     if round_size < 2:
         raise ValueError(f"round_size must be >= 2; got {round_size!r}.")
+    op = working(op)  # sketches are orthogonalised in float32 at least
     d = op.shape[0]
     gen = torch.Generator(device=op.device).manual_seed(seed)
 

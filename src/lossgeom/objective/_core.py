@@ -23,7 +23,11 @@ from lossgeom.linalg import check_block
 from lossgeom.linalg._operator import NonFiniteError
 from lossgeom.objective._data import Batch
 from lossgeom.objective._distributed import DistributedMixin
-from lossgeom.objective._validation import check_loss_value, shape_or_type
+from lossgeom.objective._validation import (
+    check_loss_value,
+    label_error,
+    shape_or_type,
+)
 
 __all__ = ["Counters", "HvpBackend", "LossFn", "Mode", "ObjectiveCore"]
 
@@ -225,7 +229,9 @@ class ObjectiveCore(DistributedMixin):
         Returns :math:`\frac1N\sum_b n_b\, f(x_b, y_b)` when ``fn`` returns a batch
         mean (``per="mean"``), or :math:`\frac1N\sum_b f(x_b, y_b)` when it returns
         a batch sum (``per="sum"``). Counts one data pass. Non-finite results raise
-        :class:`NonFiniteError` naming the first offending batch.
+        :class:`NonFiniteError` naming the first offending batch; a batch whose
+        class labels lie outside the model's outputs raises ``ValueError`` naming
+        the batch, the label and the number of outputs.
 
         Args:
             fn: ``fn(inputs, targets) -> Tensor`` of a fixed shape.
@@ -244,9 +250,13 @@ class ObjectiveCore(DistributedMixin):
         count = 0
         finite: list[Tensor] = []
         with self.probe_mode(higher_order=higher_order):
-            for x, y in self.batches():
+            for index, (x, y) in enumerate(self.batches()):
                 n = int(x.shape[0])
-                value = fn(x, y)
+                try:
+                    value = fn(x, y)
+                except (IndexError, RuntimeError) as err:
+                    self.explain_failed_batch(index, x, y, err)
+                    raise
                 if check_finite:
                     finite.append(torch.isfinite(value).all())
                 weighted = value * n if per == "mean" else value
@@ -264,6 +274,29 @@ class ObjectiveCore(DistributedMixin):
             if not bool(flags.all()) or not bool(torch.isfinite(result).all()):
                 self.raise_non_finite(what, flags)
         return result
+
+    def explain_failed_batch(
+        self, index: int, x: Tensor, y: Tensor, err: Exception
+    ) -> None:
+        """Turn a failure caused by out-of-range class labels into a clear error.
+
+        Called after a per-batch computation raised ``err``: if batch ``index``
+        holds class labels outside the model's outputs, raise a ``ValueError``
+        that says so (from ``err``); otherwise return, and the caller re-raises.
+        """
+        if y.is_floating_point():
+            return
+        try:
+            with torch.no_grad():
+                out = self.model_fn(self.theta, x)
+        except Exception:  # noqa: BLE001 - the model fails: not a label problem
+            return
+        where = self.data_description + (
+            f" on rank {self.rank}" if self.data_parallel else ""
+        )
+        problem = label_error(index, y, out, where)
+        if problem is not None:
+            raise problem from err
 
     def raise_non_finite(self, what: str, flags: Tensor) -> None:
         """Raise :class:`NonFiniteError` for the first batch whose flag is False."""

@@ -21,12 +21,14 @@ __all__ = [
     "BACKENDS",
     "check_arguments",
     "check_first_batch",
+    "label_error",
     "model_placement",
     "shape_or_type",
 ]
 
 BACKENDS = ("auto", "forward-over-reverse", "double-backward")
 _VALIDATION_SAMPLES = 32
+_IGNORE_INDEX = -100  # torch's cross-entropy and NLL skip targets of this value
 
 
 def check_arguments(
@@ -100,6 +102,55 @@ def check_loss_value(loss: object) -> None:
         )
 
 
+def label_error(
+    index: int, y: Tensor, out: Tensor, description: str
+) -> ValueError | None:
+    """A clear error for class labels outside the model's outputs, if there are any.
+
+    Integer targets shaped like the outputs without their class dimension (dim 1)
+    are class indices; a value outside ``[0, C)`` (other than -100, which
+    cross-entropy ignores) makes the loss fail with a bare ``IndexError``. Called
+    only after the loss failed on a batch, so it costs nothing otherwise.
+
+    Args:
+        index: the batch's position in one pass (from 0).
+        y: the batch's targets.
+        out: the model's outputs on that batch (only the shape is read).
+        description: the data's description.
+
+    Returns:
+        The error to raise, or ``None`` when the labels are not the problem.
+
+    Example:
+        >>> err = label_error(2, torch.tensor([0, 5]), torch.zeros(2, 3), "tensors")
+        >>> "batch 2" in str(err), "label 5" in str(err), "3 outputs" in str(err)
+        (True, True, True)
+        >>> label_error(2, torch.tensor([0, 2]), torch.zeros(2, 3), "tensors") is None
+        True
+    """
+    if (
+        y.is_floating_point()
+        or y.is_complex()
+        or y.dtype == torch.bool
+        or out.ndim < 2
+        or y.shape != out.shape[:1] + out.shape[2:]
+    ):
+        return None
+    classes = out.shape[1]
+    bad = ((y < 0) & (y != _IGNORE_INDEX)) | (y >= classes)
+    if not bool(bad.any()):
+        return None
+    flat = int(bad.reshape(-1).nonzero()[0])
+    value = int(y.reshape(-1)[flat])
+    sample = flat // max(1, y[0].numel()) if y.ndim > 1 else flat
+    return ValueError(
+        f"batch {index} (counted from 0; sample {sample} of it) of the data "
+        f"({description}) holds the class label {value}, but the model has "
+        f"{classes} outputs: class labels must lie in [0, {classes}). Remap the "
+        f"labels to 0..{classes - 1}, or give the model one output per class."
+    )
+
+
 def check_first_batch(obj: ObjectiveCore) -> list[str]:
     """Run the first batch once to turn shape and type mistakes into clear errors.
 
@@ -162,6 +213,9 @@ def _apply_loss(obj: ObjectiveCore, out: Tensor, y: Tensor) -> object:
     try:
         return obj.loss_fn(out, y)
     except Exception as err:  # noqa: BLE001 - re-raised with context
+        labels = label_error(0, y, out, obj.data_description)
+        if labels is not None:
+            raise labels from err
         raise ValueError(
             f"loss_fn could not compare outputs of shape {tuple(out.shape)} "
             f"({out.dtype}) with targets of shape {tuple(y.shape)} "

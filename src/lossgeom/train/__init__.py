@@ -8,7 +8,8 @@ every k steps write losses, accuracy, gradient norm, sharpness (warm-started
 Lanczos) against the edge-of-stability threshold and the Hessian trace with its
 standard error to ``metrics.jsonl``; an optional curvature-adaptive step size
 ``c / lambda_max``; atomic safetensors checkpoints that resume to the same final
-weights; divergence recorded, not raised.
+weights, verified on load; one writer per run directory (an OS file lock);
+divergence recorded, not raised; a failure recorded in ``status.json``.
 """
 
 import sys
@@ -35,6 +36,7 @@ from lossgeom.train._config import (
 )
 from lossgeom.train._loop import TrainResult, train
 from lossgeom.train._probes import stability_threshold
+from lossgeom.train._rundir import DamagedFileError, RunLockedError
 from lossgeom.train._schedule import schedule_factor
 from lossgeom.train._state import (
     MetricsLog,
@@ -71,7 +73,9 @@ __all__ = [
     "Callback",
     "TrainState",
     # run directories
+    "DamagedFileError",
     "MetricsLog",
+    "RunLockedError",
     "checkpoint_states",
     "latest_checkpoint",
     "load_checkpoint",

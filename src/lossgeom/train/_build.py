@@ -15,11 +15,13 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from lossgeom._io import atomic_write_text
 from lossgeom.objective import Objective
 from lossgeom.train._callbacks import TrainState
-from lossgeom.train._config import MetricsConfig, TrainConfig
+from lossgeom.train._config import ConfigError, MetricsConfig, TrainConfig, read_yaml
+from lossgeom.train._rundir import LOCK, DamagedFileError
 
 __all__ = [
     "HalfSquaredError",
     "build_state",
+    "check_factory",
     "prepare_run_dir",
     "resolve_device",
     "subset",
@@ -58,12 +60,35 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return device
 
 
+def check_factory(cfg: TrainConfig, allow_factory: bool) -> None:
+    """Refuse a config whose model is a factory (code to run) unless allowed.
+
+    Raises:
+        ConfigError: ``model.factory`` is set and ``allow_factory`` is not.
+    """
+    if cfg.model.factory is not None and not allow_factory:
+        raise ConfigError(
+            f"model.factory {cfg.model.factory!r} names code to import and run; a "
+            "config alone may not run code. If you trust this config, opt in with "
+            "lg.train(config, allow_factory=True) or `lossgeom train "
+            "--allow-factory` (build_model(config, allow_factory=True)); or use a "
+            "zoo model (model.name)."
+        )
+
+
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     """Write ``config.yaml`` in a new run directory, or check the one it holds."""
     stored = run_dir / "config.yaml"
     dumped = cfg.model_dump(mode="json")
     if stored.is_file():
-        old = yaml.safe_load(stored.read_text(encoding="utf-8"))
+        try:
+            old = read_yaml(stored.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise DamagedFileError(
+                f"{stored} (the run's resolved config) is damaged: not valid YAML "
+                f"({err}). Restore it from a checkpoint's sidecar (its 'config'), "
+                "or choose another run directory."
+            ) from None
         if old != dumped:
             raise ValueError(
                 f"{run_dir} holds a run with a different config; resuming would mix "
@@ -75,7 +100,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
                 "resume=True to continue it, or choose another run directory."
             )
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
         raise ValueError(
             f"{run_dir} is not empty and holds no lossgeom run (no config.yaml); "
             "choose an empty or new run directory."
@@ -84,7 +109,10 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
 
 
 def build_model(
-    config: TrainConfig | dict, *, device: torch.device | str | None = None
+    config: TrainConfig | dict,
+    *,
+    device: torch.device | str | None = None,
+    allow_factory: bool = False,
 ) -> nn.Module:
     """The model a config trains, initialised from its seed as training starts.
 
@@ -96,15 +124,20 @@ def build_model(
     Args:
         config: a :class:`TrainConfig` or its plain-dict form.
         device: where to put the model.
+        allow_factory: build a ``model.factory`` (runs the code it names).
 
     Returns:
         The freshly initialised model.
+
+    Raises:
+        ConfigError: ``model.factory`` is set and ``allow_factory`` is not.
     """
     cfg = (
         config
         if isinstance(config, TrainConfig)
         else TrainConfig.model_validate(config)
     )
+    check_factory(cfg, allow_factory)
     device = torch.device(device) if device is not None else resolve_device(cfg)
     dtype = getattr(torch, cfg.dtype)
     train, _ = _load_data(cfg, test=False)
@@ -123,11 +156,14 @@ def _init_model(
     return model
 
 
-def build_state(cfg: TrainConfig, run_dir: Path, device: torch.device) -> TrainState:
+def build_state(
+    cfg: TrainConfig, run_dir: Path, device: torch.device, allow_factory: bool = False
+) -> TrainState:
     """Data, model (initialised from ``cfg.seed``), loss, optimizer, probe objective.
 
     The global random state is left as it was.
     """
+    check_factory(cfg, allow_factory)
     dtype = getattr(torch, cfg.dtype)
     train, test = _load_data(cfg)
     X, y = _place(train, cfg, device, dtype)
@@ -239,7 +275,7 @@ def _data_options(params, options: dict, X: Tensor, y: Tensor) -> dict:
 
 
 def _build_model(cfg: TrainConfig, X: Tensor, y: Tensor) -> nn.Module:
-    if cfg.model.factory is not None:
+    if cfg.model.factory is not None:  # allowed by the caller (check_factory)
         module_name, _, fn_name = cfg.model.factory.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), fn_name)

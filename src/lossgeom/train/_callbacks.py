@@ -28,7 +28,8 @@ of the run. :func:`~lossgeom.train.train` calls them at fixed points:
     last ``on_eval``; the final checkpoint is written by the built-in
     checkpointing here and ``status.json`` says ``finished`` after every
     callback's ``on_train_end``) or ``"diverged"`` (``status.json`` already says
-    so). An exception (a failed write, an interrupt) propagates without it.
+    so). An exception (a failed write, an interrupt) propagates without it;
+    ``status.json`` then says ``failed``.
 
 At each hook the built-in callbacks run first (losses and accuracies, gradient
 norm, sharpness and the edge-of-stability threshold, trace, named measures,
@@ -81,9 +82,9 @@ class TrainState:
         device: where the model and data are.
         classification: whether the targets are class labels.
         step: updates done so far.
-        lr: in ``on_eval``, the row's ``lr``: the step size of the next update
-            as scheduled before the curvature-adaptive rule (``optim.adaptive``)
-            refreshes its estimate at this step, the last update's at the final
+        lr: in ``on_eval``, the row's ``lr``: the step size of this step's
+            update (after the curvature-adaptive rule, ``optim.adaptive``, has
+            refreshed its estimate at this step), the last update's at the final
             step; in ``on_step``, the step size the update just used; ``None``
             before either.
         batch_loss: the training loss of the latest update's batch (``None``

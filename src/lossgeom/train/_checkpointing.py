@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from lossgeom.train._callbacks import Callback, TrainState
 from lossgeom.train._config import TrainConfig
 from lossgeom.train._probes import Sharpness
+from lossgeom.train._rundir import DamagedFileError, log_event
 from lossgeom.train._schedule import StepSize
 from lossgeom.train._state import (
+    apply_checkpoint,
     checkpoints,
-    latest_checkpoint,
-    load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
 )
 
@@ -28,6 +30,10 @@ class Checkpointer(Callback):
     ``on_step`` (before the step's measurements); the final one in
     ``on_train_end`` of a finished run (after the last measurements). With
     ``checkpoint.keep_last``, older periodic checkpoints are deleted.
+
+    Resuming loads the newest checkpoint that verifies; damaged ones are
+    skipped with a warning naming them, a line in the run's ``events.log``, and
+    listed in ``skipped`` (``(sidecar name, reason)``).
 
     Args:
         folder: the run's ``checkpoints/`` folder.
@@ -46,13 +52,34 @@ class Checkpointer(Callback):
     ):
         self.folder, self.cfg = folder, cfg
         self.step_size, self.sharpness = step_size, sharpness
+        self.skipped: list[tuple[str, str]] = []
 
     def restore(self, state: TrainState) -> None:
-        """Load the last complete checkpoint, if any, into the run."""
-        last = latest_checkpoint(self.folder)
-        if last is None:
+        """Load the newest checkpoint that verifies, if any, into the run."""
+        if self.folder.is_dir():  # temp files of saves cut short (the run is locked)
+            for tmp in self.folder.glob(".step_*"):
+                tmp.unlink(missing_ok=True)
+        ckpt = None
+        for _, sidecar in reversed(checkpoints(self.folder)):
+            try:
+                ckpt = read_checkpoint(sidecar, state.model)
+                break
+            except DamagedFileError as err:
+                self.skipped.append((sidecar.name, str(err)))
+        if self.skipped:
+            names = ", ".join(name for name, _ in self.skipped)
+            where = f"step {ckpt.step}" if ckpt is not None else "the start"
+            message = (
+                f"skipped damaged checkpoints in {self.folder}: {names}; resuming "
+                f"from {where}"
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            log_event(state.run_dir, message)
+            for _, reason in self.skipped:
+                log_event(state.run_dir, f"  {reason}")
+        if ckpt is None:
             return
-        meta, tensors = load_checkpoint(last, state.model, state.optimizer)
+        meta, tensors = apply_checkpoint(ckpt, state.model, state.optimizer)
         extra = meta["extra"]
         state.step = state.resumed_from = int(meta["step"])
         state.batch_loss = extra.get("last_loss")
@@ -107,5 +134,5 @@ class Checkpointer(Callback):
         pinned = set(self.cfg.checkpoint.steps) | {self.cfg.steps}
         periodic = [(t, p) for t, p in checkpoints(self.folder) if t not in pinned]
         for _, p in periodic[:-keep]:
+            p.unlink(missing_ok=True)  # the sidecar first: no sidecar, no checkpoint
             p.with_suffix(".safetensors").unlink(missing_ok=True)
-            p.unlink(missing_ok=True)

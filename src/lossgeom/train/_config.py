@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AllowInfNan,
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -29,10 +33,16 @@ __all__ = [
     "ShiftConfig",
     "TrainConfig",
     "load_config",
+    "read_yaml",
 ]
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+# Strict scalars: a boolean is not a number, a number not a boolean, a string
+# neither; floats must be finite. (Integers are accepted where floats are asked.)
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Bool = Annotated[bool, Strict()]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+PositiveInt = Annotated[Int, Field(gt=0)]
 
 
 class ConfigError(ValueError):
@@ -90,7 +100,7 @@ class ShiftConfig(_Strict):
     """A domain shift applied to the test split (see ``lossgeom.zoo.shift``)."""
 
     kind: Literal["rotate", "noise", "rebalance"]
-    severity: Annotated[float, Field(ge=0)]
+    severity: Annotated[Float, Field(ge=0)]
 
 
 class DataConfig(_Strict):
@@ -111,9 +121,9 @@ class DataConfig(_Strict):
     root: str | None = None
     subset: PositiveInt | None = None
     test_subset: PositiveInt | None = None
-    seed: int = 0
+    seed: Int = 0
     options: dict[str, Any] = Field(default_factory=dict)
-    test: bool = True
+    test: Bool = True
     shift: ShiftConfig | None = None
 
     @field_validator("name")
@@ -163,13 +173,13 @@ class OptimConfig(_Strict):
 
     name: Literal["gd", "sgd", "adam", "adamw"] = "sgd"
     lr: PositiveFloat = 0.1
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    nesterov: bool = False
+    momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    nesterov: Bool = False
     betas: tuple[
-        Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]
+        Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]
     ] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     adaptive: AdaptiveConfig | None = None
 
     @model_validator(mode="after")
@@ -201,10 +211,10 @@ class ScheduleConfig(_Strict):
     """
 
     kind: Literal["constant", "step", "cosine"] = "constant"
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_steps: Annotated[Int, Field(ge=0)] = 0
     step_size: PositiveInt = 1000
-    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
-    min_factor: Annotated[float, Field(ge=0, le=1)] = 0.0
+    gamma: Annotated[Float, Field(gt=0, le=1)] = 0.1
+    min_factor: Annotated[Float, Field(ge=0, le=1)] = 0.0
 
 
 class AugmentConfig(_Strict):
@@ -215,8 +225,8 @@ class AugmentConfig(_Strict):
         flip: random horizontal flip with probability 1/2.
     """
 
-    crop_padding: Annotated[int, Field(ge=0)] = 4
-    flip: bool = True
+    crop_padding: Annotated[Int, Field(ge=0)] = 4
+    flip: Bool = True
 
 
 _BUILT_IN_COLUMNS = frozenset(
@@ -298,7 +308,7 @@ class UpdateDimensionConfig(_Strict):
 
     record_every: PositiveInt = 1
     max_vectors: PositiveInt = 200
-    threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    threshold: Annotated[Float, Field(gt=0, le=1)] = 0.9
 
 
 class MetricsConfig(_Strict):
@@ -325,10 +335,10 @@ class MetricsConfig(_Strict):
     eval_samples: PositiveInt | None = 2048
     probe_samples: PositiveInt | None = 1024
     probe_mode: Literal["eval", "train"] = "eval"
-    sharpness: bool = True
+    sharpness: Bool = True
     sharpness_tol: PositiveFloat = 1e-3
     sharpness_max_matvecs: PositiveInt = 60
-    trace_max_matvecs: Annotated[int, Field(ge=0)] = 0
+    trace_max_matvecs: Annotated[Int, Field(ge=0)] = 0
     measures: list[MeasureConfig] = Field(default_factory=list)
     update_dimension: UpdateDimensionConfig | None = None
 
@@ -354,7 +364,7 @@ class CheckpointConfig(_Strict):
     """
 
     every: PositiveInt | None = None
-    steps: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    steps: list[Annotated[Int, Field(ge=0)]] = Field(default_factory=list)
     keep_last: PositiveInt | None = None
 
 
@@ -381,7 +391,7 @@ class TrainConfig(_Strict):
     """
 
     name: str = "run"
-    seed: int = 0
+    seed: Int = 0
     model: ModelConfig
     data: DataConfig
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
@@ -390,8 +400,8 @@ class TrainConfig(_Strict):
     steps: PositiveInt = 1000
     batch_size: PositiveInt | None = 128
     augment: AugmentConfig | None = None
-    bf16: bool = False
-    grad_checkpointing: bool = False
+    bf16: Bool = False
+    grad_checkpointing: Bool = False
     metrics: MetricsConfig | None = Field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     device: str | None = None
@@ -430,6 +440,67 @@ def _format(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data, never code) that refuses duplicate keys.
+
+    It also reads ``1e-3`` as a float (YAML 1.2), as a reader of a config expects.
+    """
+
+    def construct_mapping(self, node, deep=False):  # noqa: D102
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key {key!r} appears twice (lines {seen[key]} and {line}); "
+                        "keep one of them",
+                        key_node.start_mark,
+                    )
+                try:
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Plain data from YAML text: safe loading, duplicate keys refused.
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML or repeats a key (the message
+            names the key and its lines).
+    """
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+
+
+def _non_finite(value: Any, path: str) -> list[str]:
+    """Paths of the non-finite floats in plain data (options dicts included)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"  {path}: must be a finite number (got {value!r})"]
+    if isinstance(value, dict):
+        found = []
+        for k, v in value.items():
+            found += _non_finite(v, f"{path}.{k}" if path else str(k))
+        return found
+    if isinstance(value, (list, tuple)):
+        found = []
+        for i, v in enumerate(value):
+            found += _non_finite(v, f"{path}.{i}")
+        return found
+    return []
+
+
 def load_config(source: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
     """Validate a training config from a dict, a YAML file, or a ready config.
 
@@ -464,14 +535,17 @@ def load_config(source: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
             raise FileNotFoundError(f"training config {str(path)!r} does not exist.")
         where = str(path)
         try:
-            source = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{where} is not valid YAML: {err}") from err
+            source = read_yaml(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{where} is not valid YAML: {err}") from None
     if not isinstance(source, dict):
         raise ConfigError(
             f"a training config is a mapping of fields (model, data, optim, ...); "
             f"{where} holds a {type(source).__name__}."
         )
+    bad = _non_finite(source, "")
+    if bad:
+        raise ConfigError("\n".join([f"invalid training config ({where}):", *bad]))
     try:
         return TrainConfig.model_validate(source)
     except ValidationError as err:

@@ -20,6 +20,7 @@ from lossgeom.train._batches import training_batch
 from lossgeom.train._build import (
     build_model,
     build_state,
+    check_factory,
     prepare_run_dir,
     resolve_device,
 )
@@ -27,6 +28,7 @@ from lossgeom.train._callbacks import Callback, TrainState, check_callbacks
 from lossgeom.train._checkpointing import Checkpointer
 from lossgeom.train._config import TrainConfig, load_config
 from lossgeom.train._probes import GradientNorm, HessianTrace, LossAccuracy, Sharpness
+from lossgeom.train._rundir import RunLock, log_event, record_failure
 from lossgeom.train._schedule import StepSize
 from lossgeom.train._state import MetricsLog, read_status, write_status
 from lossgeom.train._trackers import Measures, UpdateDimension
@@ -107,6 +109,7 @@ def train(
     resume: bool = True,
     progress: bool = False,
     callbacks: Sequence[Callback] = (),
+    allow_factory: bool = False,
 ) -> TrainResult:
     """Train a model from a config, measuring curvature along the way.
 
@@ -127,6 +130,13 @@ def train(
     ends with the same weights as one that was never interrupted. A non-finite
     loss stops the run with status ``diverged`` and the step.
 
+    One process at a time writes a run directory: the call holds a lock on
+    ``run.lock`` while it runs (released by the OS however the process ends). A
+    resume loads the newest checkpoint that verifies, skipping damaged ones with
+    a warning (and a line in ``events.log``). An error once the directory is the
+    run's leaves ``status.json`` at ``failed`` (with the error and the step) and
+    the traceback in ``error.txt`` (where the directory can be written).
+
     Args:
         config: a :class:`TrainConfig`, a dict, or a YAML file path.
         run_dir: the run directory (default ``runs/<config.name>``).
@@ -134,24 +144,48 @@ def train(
         progress: print one line per measurement.
         callbacks: :class:`~lossgeom.train.Callback` instances, run in this
             order after the built-in callbacks.
+        allow_factory: allow ``model.factory``, which imports and runs the code
+            the config names; a config cannot allow it itself.
 
     Returns:
         A :class:`TrainResult`.
 
     Raises:
-        ConfigError: an invalid config, before any work.
+        ConfigError: an invalid config, or a factory not allowed, before any work.
         TypeError: a callback without the hooks, before any work.
+        RunLockedError: another process is writing to ``run_dir``.
+        DamagedFileError: a file of the run directory is damaged (named).
     """
     start_time = time.perf_counter()
     cfg = load_config(config)
+    check_factory(cfg, allow_factory)
     user_callbacks = check_callbacks(callbacks)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
     device = resolve_device(cfg)
-    prepare_run_dir(run_dir, cfg, resume)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    stored = read_status(run_dir)
+    with RunLock(run_dir):
+        prepare_run_dir(run_dir, cfg, resume)
+        stored = read_status(run_dir)
+        step = stored["step"] if stored is not None else 0
+        state = None
+        try:
+            state = build_state(cfg, run_dir, device, allow_factory=True)
+            return _run(state, stored, resume, user_callbacks, progress, start_time)
+        except BaseException as err:
+            record_failure(run_dir, err, state.step if state is not None else step)
+            raise
 
-    state = build_state(cfg, run_dir, device)
+
+def _run(
+    state: TrainState,
+    stored: dict | None,
+    resume: bool,
+    user_callbacks: list[Callback],
+    progress: bool,
+    start_time: float,
+) -> TrainResult:
+    """Resume (where asked) and train a built run; its directory is locked."""
+    cfg, run_dir = state.config, state.run_dir
+    log = MetricsLog(run_dir / "metrics.jsonl")
     step_size = StepSize(cfg)
     sharpness = _sharpness_probe(cfg)  # its warm start goes into checkpoints
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg, step_size, sharpness)
@@ -160,10 +194,25 @@ def train(
     torch.manual_seed(cfg.seed)
     if resume:
         checkpointer.restore(state)
-    if resume and stored is not None and stored["status"] in ("finished", "diverged"):
+    if (
+        resume
+        and stored is not None
+        and stored["status"] in ("finished", "diverged")
+        and not checkpointer.skipped
+    ):
         return _result(state, stored["status"], stored["step"], log, start_time)
-    log.truncate(before_step=state.step)
-    write_status(run_dir, "running", state.step)
+    damaged = log.truncate(before_step=state.step)
+    if damaged:
+        log_event(
+            run_dir,
+            f"damaged lines {damaged} of metrics.jsonl moved to metrics.jsonl.damaged",
+        )
+    info = {}
+    if checkpointer.skipped:
+        info["skipped_checkpoints"] = [
+            {"file": name, "reason": why} for name, why in checkpointer.skipped
+        ]
+    write_status(run_dir, "running", state.step, **info)
 
     loop = _Loop(state, builtins, user_callbacks, step_size, log, progress)
     loop.run()
@@ -260,16 +309,18 @@ class _Loop:
         return metrics is not None and self.state.step % metrics.every == 0
 
     def _probe(self, evaluate: bool, adapt: bool) -> None:
-        """The metrics row, then the adaptive step size's refresh, before an update.
+        """The adaptive step size's refresh, then the metrics row, before an update.
+
+        The row's ``lr`` is then the step size the coming update uses.
 
         A probe that meets a non-finite value stops the run as diverged.
         """
         state = self.state
         try:
-            if evaluate:
-                self._evaluate()
             if adapt:
                 self.step_size.refresh(state.objective, state.step)
+            if evaluate:
+                self._evaluate()
         except NonFiniteError as err:
             self._diverge(str(err))
 
