@@ -30,6 +30,29 @@ def probes(obj, seed=0):
     }
 
 
+def reduction_cases():
+    """Losses whose data-set value is not a mean of batch means, on CASES[0]'s data.
+
+    Yields ``(name, loss_fn, targets)``: class weights with ignored labels, label
+    smoothing with weights, and a sum.
+    """
+    _, _, _, y = CASES[0].make()
+    ignored = y.clone()
+    ignored[::4] = -100
+    weight = torch.tensor([1.0, 3.0, 0.5], dtype=DTYPE)
+    yield (
+        "ce_weight_ignore",
+        torch.nn.CrossEntropyLoss(weight=weight, ignore_index=-100),
+        ignored,
+    )
+    yield (
+        "ce_weight_smoothing",
+        torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1),
+        y,
+    )
+    yield "ce_sum", torch.nn.CrossEntropyLoss(reduction="sum"), y
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -40,6 +63,12 @@ def main(out: str) -> None:
         assert obj.data_parallel and obj.world_size == 2
         assert obj.local_n_samples < obj.n_samples  # this rank holds a shard only
         results[case.name] = probes(obj)
+    # losses whose reduction is not a plain mean, sharded over the ranks
+    for name, loss_fn, targets in reduction_cases():
+        model, _, X, _ = CASES[0].make()
+        obj = lg.Objective(model, loss_fn, (X, targets), batch_size=5)
+        assert obj.data_parallel and obj.local_n_samples < obj.n_samples
+        results[name] = probes(obj)
     # an iterable sharded by the user's sampler
     model, loss_fn, X, y = CASES[0].make()
     X, y = X[:22], y[:22]

@@ -10,7 +10,7 @@ import torch
 
 import lossgeom as lg
 
-from _dist_worker import probes
+from _dist_worker import probes, reduction_cases
 from cases import CASES, rel_err
 
 HERE = Path(__file__).parent
@@ -46,6 +46,19 @@ def test_two_ranks_equal_one_process(distributed_results, case):
     single = probes(lg.Objective(model, loss_fn, (X, y), batch_size=case.batch_size))
     for key, value in single.items():
         assert rel_err(distributed_results[case.name][key], value) <= 1e-10, key
+
+
+@pytest.mark.parametrize("name", ["ce_weight_ignore", "ce_weight_smoothing", "ce_sum"])
+def test_two_ranks_equal_one_process_for_weighted_and_summed_losses(
+    distributed_results, name
+):
+    # the single-process values are checked against the whole-data loss in
+    # tests/test_loss_conformance.py; here the ranks must reproduce them
+    ((loss_fn, targets),) = [(f, t) for n, f, t in reduction_cases() if n == name]
+    model, _, X, _ = CASES[0].make()
+    single = probes(lg.Objective(model, loss_fn, (X, targets), batch_size=5))
+    for key, value in single.items():
+        assert rel_err(distributed_results[name][key], value) <= 1e-10, key
 
 
 def test_sampler_sharded_loader_equals_one_process(distributed_results):

@@ -13,14 +13,15 @@ __all__ = ["GGNOperator", "ggn"]
 
 
 class GGNOperator(ObjectiveOperator):
-    r"""The generalized Gauss-Newton matrix :math:`G = \frac1N \sum_b n_b J_b^T H_b J_b`.
+    r"""The generalized Gauss-Newton matrix :math:`G = \sum_b J_b^T H_b J_b`.
 
     :math:`J_b` is the Jacobian of the model's outputs on batch ``b`` with respect
-    to the parameters and :math:`H_b` the Hessian of the batch-mean loss with
-    respect to those outputs. For cross-entropy :math:`H_b` is
-    :math:`(\mathrm{diag}(p) - pp^T)/n_b` per sample, for MSE it is
-    :math:`2 I / (n_b k)` with ``k`` outputs per sample; both are computed by
-    automatic differentiation of ``loss_fn`` in the outputs, so any loss that is
+    to the parameters and :math:`H_b` the Hessian of batch ``b``'s contribution
+    to the objective (:meth:`Objective.loss_term`) with respect to those
+    outputs. For mean cross-entropy :math:`H_b` is
+    :math:`(\mathrm{diag}(p) - pp^T)/N` per sample, for mean MSE it is
+    :math:`2 I / (N k)` with ``k`` outputs per sample; both are computed by
+    automatic differentiation of the loss in the outputs, so any loss that is
     twice differentiable in the outputs works. ``G`` is positive semi-definite when
     the loss is convex in the outputs (cross-entropy, MSE). ``G`` equals the
     Hessian minus the term with the model's second derivatives; it is exact for
@@ -68,7 +69,7 @@ def _ggn_forward(
 
     out, pullback = vjp(outputs, theta)
     out = out.detach()
-    loss_grad = grad(obj.loss_fn)
+    loss_grad = grad(obj.loss_term)
     # An explicit zero tangent for floating targets sidesteps pytorch/pytorch#123996
     # (forward AD through mse_loss's backward fails on an implicit zero tangent).
     y_tangent = torch.zeros_like(y) if y.is_floating_point() else None
@@ -94,7 +95,7 @@ def _ggn_reverse(
         t = theta.detach().requires_grad_(True)
         out = obj.model_fn(t, x)
         o = out.detach().requires_grad_(True)
-        (gl,) = torch.autograd.grad(obj.loss_fn(o, y), o, create_graph=True)
+        (gl,) = torch.autograd.grad(obj.loss_term(o, y), o, create_graph=True)
         u = torch.zeros_like(out, requires_grad=True)
         (jtu,) = torch.autograd.grad(out, t, u, create_graph=True)
         cols = []

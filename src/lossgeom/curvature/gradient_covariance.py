@@ -17,8 +17,11 @@ _DEFAULT_CACHE_BYTES = 512 * 2**20
 class GradientCovarianceOperator(ObjectiveOperator):
     r"""Covariance of per-sample gradients :math:`\Sigma = \frac{1}{N - \text{ddof}} \sum_i (g_i - \bar g)(g_i - \bar g)^T`.
 
-    :math:`g_i` is the gradient of sample ``i``'s loss and :math:`\bar g` the
-    full-data gradient. With ``centered=False`` it is the uncentred second moment
+    :math:`g_i = N \nabla c_i`, where :math:`c_i` is sample ``i``'s contribution
+    to the objective :math:`L = \sum_i c_i` (see
+    :meth:`~lossgeom.Objective.per_sample_grad`; for a plain mean over samples,
+    the gradient of sample ``i``'s loss), and :math:`\bar g` the full-data
+    gradient. With ``centered=False`` it is the uncentred second moment
     :math:`\frac1N\sum_i g_i g_i^T` (the empirical Fisher).
 
     Per-sample gradients come from ``vmap`` over one batch at a time. When the
@@ -28,8 +31,8 @@ class GradientCovarianceOperator(ObjectiveOperator):
     :math:`\bar g` is the full-data gradient and each product recomputes the
     centred rows batch by batch. Either way rows are centred before the outer
     products (no cancellation from subtracting :math:`\bar g \bar g^T`).
-    :math:`\bar g` equals the full-data gradient when the loss's batch value is the
-    mean of its per-sample values (the torch losses with ``reduction="mean"``).
+    :math:`\bar g`, the mean of the :math:`g_i`, is the full-data gradient for
+    every loss (class weights and ignored targets included).
 
     Attributes:
         mean_grad: :math:`\bar g`.

@@ -1,4 +1,4 @@
-"""The Hessian of the mean loss as a matrix-free operator."""
+"""The Hessian of the loss over the data set as a matrix-free operator."""
 
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ class HessianOperator(ObjectiveOperator):
 
     def _build_cache(self) -> None:
         obj = self.objective
+        obj.loss_totals()  # the terms' normalizer, before the graphs are built
         graphs: list[tuple[Tensor, Tensor]] = []
         nbytes = 0
 
@@ -110,7 +111,7 @@ class HessianOperator(ObjectiveOperator):
                 for x, y in obj.batches():
                     t = self.theta.clone().requires_grad_(True)
                     (g,) = torch.autograd.grad(
-                        obj.batch_loss(t, x, y), t, create_graph=True
+                        obj.batch_term(t, x, y), t, create_graph=True
                     )
                     graphs.append((t, g))
                     if nbytes > self.cache_bytes:

@@ -35,7 +35,9 @@ __all__ = ["GradientNoiseResult", "NoiseScaleResult", "gradient_noise", "noise_s
 
 SIGMA = (
     "Sigma = (1/N) sum_i (g_i - g)(g_i - g)^T: centred covariance of the per-sample "
-    "gradients g_i around the full-data gradient g (divides by N)"
+    "gradients g_i = N grad c_i (c_i: sample i's contribution to the objective "
+    "L = sum_i c_i; for a plain mean, the gradient of sample i's loss) around the "
+    "full-data gradient g (divides by N)"
 )
 B_SIMPLE = "B_simple = tr(Sigma) / |g|^2 (McCandlish et al. 2018, eq. 2.4)"
 
@@ -161,17 +163,38 @@ def _group_grads(
     """
     if obj.mode == "eval":
         g_fn = vmap(func_grad(obj.batch_loss), (None, 0, 0), chunk_size=chunk_size)
-        return g_fn(theta, x, y)
+        grads = g_fn(theta, x, y)
+        return grads / x.shape[1] if _sums(obj) else grads
     return torch.stack(
         [_batch_grad(obj, theta, xb, yb) for xb, yb in zip(x, y, strict=True)]
     )
 
 
+def _sums(obj: Objective) -> bool:
+    """Whether a minibatch's loss is a sum over its samples (else a plain mean)."""
+    return obj.loss_reduction.minibatch_scale(obj.loss_totals()) == "sum"
+
+
 def _batch_grad(obj: Objective, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """The gradient of the mean per-sample loss of one minibatch."""
     with torch.enable_grad():
         t = theta.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(obj.batch_loss(t, x, y), t, allow_unused=True)
-    return torch.zeros_like(theta) if g is None else g
+    g = torch.zeros_like(theta) if g is None else g
+    return g / x.shape[0] if _sums(obj) else g
+
+
+def _check_minibatch_loss(obj: Objective) -> None:
+    """Refuse a loss whose minibatch values do not estimate the objective."""
+    if obj.loss_reduction.minibatch_scale(obj.loss_totals()) is None:
+        raise ValueError(
+            "noise_scale(method='two_batch') needs minibatch losses that are plain "
+            "means (or sums) of per-sample losses, so that a minibatch gradient is "
+            f"an unbiased estimate of the full-data gradient; the loss "
+            f"{obj.loss_reduction.description} is a weighted mean (class weights, "
+            "ignored targets or a normalizer of its own), whose minibatch value is "
+            "a ratio. Use method='per_sample', which is exact for every loss."
+        )
 
 
 def _jackknife_ratio(a: Tensor, b: Tensor) -> float:
@@ -297,6 +320,7 @@ def noise_scale(
     if method == "per_sample":
         return _per_sample_noise_scale(obj, theta, params, cache_bytes)
     b_small, b_big = _check_two_batch(obj, batch_sizes, n_repeats, chunk_size)
+    _check_minibatch_loss(obj)
     params.update(batch_sizes=[b_small, b_big], n_repeats=n_repeats)
     with timed(obj) as meter:
         traces, norms, n_grads = _two_batch(

@@ -17,6 +17,7 @@ from lossgeom.objective._objective import (
 )
 from lossgeom.objective._optimize import MinimizeLog, minimize
 from lossgeom.objective._products import hvp_from_graph
+from lossgeom.objective._reduction import LossReduction, Totals, resolve_reduction
 
 __all__ = [
     # the objective
@@ -26,6 +27,10 @@ __all__ = [
     "NonFiniteError",
     "Objective",
     "hvp_from_graph",
+    # how a loss reduces over samples: the loss over a data set
+    "LossReduction",
+    "Totals",
+    "resolve_reduction",
     # parameter layout: directions and their normalization
     "Normalization",
     "OneDim",

@@ -1,10 +1,12 @@
-"""The functional core of an Objective: layout, one batch, the average over data.
+"""The functional core of an Objective: layout, one batch, the sum over data.
 
 Everything an :class:`~lossgeom.objective.Objective` computes is built from three
 pieces held here: the flat parameter layout (``theta`` <-> ``{name: tensor}``),
-the loss of one batch at any ``theta`` through
-:func:`torch.func.functional_call`, and :meth:`ObjectiveCore.accumulate`, the
-sample-weighted average of a per-batch quantity over all batches and ranks.
+one batch's contribution to the objective at any ``theta`` through
+:func:`torch.func.functional_call` (:meth:`ObjectiveCore.batch_term`, defined by
+the loss's own reduction, see :mod:`lossgeom.objective._reduction`), and
+:meth:`ObjectiveCore.accumulate`, which adds per-batch contributions over all
+batches and ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lossgeom.linalg import check_block
 from lossgeom.linalg._operator import NonFiniteError
 from lossgeom.objective._data import Batch
 from lossgeom.objective._distributed import DistributedMixin
+from lossgeom.objective._reduction import LossReduction, Totals, check_sample_mean
 from lossgeom.objective._validation import (
     check_loss_value,
     label_error,
@@ -88,6 +91,8 @@ class ObjectiveCore(DistributedMixin):
     _trainable: set[str]
     _running_stat_names: list[str]
     _buffer_override: dict[str, Tensor] | None
+    _reduction: LossReduction
+    _totals: Totals | None
 
     # ------------------------------------------------------------------ layout
     @property
@@ -190,10 +195,90 @@ class ObjectiveCore(DistributedMixin):
         return buffers
 
     def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """The batch-mean loss at ``theta`` on one batch (differentiable)."""
+        """The loss function's own value on one batch at ``theta`` (differentiable).
+
+        This is the loss of the batch as a minibatch (its own reduction over the
+        batch), not its contribution to the objective: see :meth:`batch_term`.
+        """
         loss = self.loss_fn(self.model_fn(theta, x), y)
         check_loss_value(loss)
         return loss
+
+    def batch_term(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """One batch's contribution to the objective at ``theta`` (differentiable).
+
+        The terms of all batches (and ranks) add up to the objective: the loss
+        function's own reduction applied to the whole data set at once.
+        """
+        return self.loss_term(self.model_fn(theta, x), y)
+
+    def loss_term(self, out: Tensor, y: Tensor, scale: float = 1.0) -> Tensor:
+        """The contribution of outputs ``out`` with targets ``y`` to the objective.
+
+        Args:
+            out: model outputs on a batch (or on one sample, with its batch dim).
+            y: the targets of those outputs.
+            scale: a factor applied along with the normalizer (exactly 1 leaves
+                the term as it is).
+        """
+        loss = self._reduction.term(out, y, self.loss_totals(), scale)
+        check_loss_value(loss)
+        return loss
+
+    @property
+    def loss_reduction(self) -> LossReduction:
+        """How the loss function reduces over samples (see ``docs/objective.md``)."""
+        return self._reduction
+
+    def loss_totals(self) -> Totals:
+        """The data-set normalizer of the loss's reduction, and sample counts.
+
+        Computed once, on first use, by one pass over the targets (the model runs
+        once, on the first batch, for the shape of its outputs); summed over
+        ranks; float64. Not counted in :attr:`counters` (no loss is evaluated).
+        When the loss is a custom one that declares no reduction and the data
+        comes in more than one batch, the first batch checks that it is a mean
+        over samples.
+        """
+        if self._totals is not None:
+            return self._totals
+        parts: list[Tensor] = []
+        first: tuple[Tensor, Tensor] | None = None
+        tail: tuple[int, ...] = ()
+        with torch.no_grad():
+            for x, y in self.batches():
+                if first is None:
+                    first = (x, y)
+                    tail = self._output_tail(x)
+                n = torch.tensor([float(x.shape[0]), 1.0], dtype=torch.float64)
+                z = self._reduction.batch_normalizer(y, tail).cpu()
+                parts.append(torch.cat([z, n]))
+        if first is None:
+            raise ValueError("the data yielded no batches.")
+        flat = self.all_reduce(torch.stack(parts).sum(0).to(self._device)).cpu()
+        z, odd, n, batches = (float(v) for v in flat)
+        if self._reduction.reduction == "sum" or self._reduction.kind == "sum":
+            z = 1.0
+        if z <= 0:
+            raise ValueError(
+                f"the loss's normalizer over the data set is {z:g} (every target "
+                "ignored, or zero total class weight): the mean loss is undefined."
+            )
+        totals = Totals(z, int(n), int(batches), plain_mean=odd == 0)
+        if not self._reduction.declared and totals.n_batches > 1:
+            with torch.no_grad(), self.probe_mode(higher_order=False):
+                check_sample_mean(
+                    self.loss_fn, self.model_fn(self.theta, first[0]), first[1]
+                )
+        self._totals = totals
+        return totals
+
+    def _output_tail(self, x: Tensor) -> tuple[int, ...]:
+        """The model's output shape without the sample dimension."""
+        if self._reduction.kind != "torch":
+            return ()
+        with self.probe_mode(higher_order=False):
+            return tuple(self.model_fn(self.theta, x[:2]).shape[1:])
 
     @contextmanager
     def probe_mode(self, *, higher_order: bool = True) -> Iterator[None]:
@@ -219,16 +304,19 @@ class ObjectiveCore(DistributedMixin):
         fn: Callable[[Tensor, Tensor], Tensor],
         *,
         what: str,
-        per: Literal["mean", "sum"] = "mean",
+        per: Literal["term", "mean", "sum"] = "term",
         higher_order: bool = True,
         check_finite: bool = True,
         count_pass: bool = True,
     ) -> Tensor:
-        r"""Average a per-batch quantity over all samples and ranks.
+        r"""Combine a per-batch quantity over all batches and ranks.
 
-        Returns :math:`\frac1N\sum_b n_b\, f(x_b, y_b)` when ``fn`` returns a batch
-        mean (``per="mean"``), or :math:`\frac1N\sum_b f(x_b, y_b)` when it returns
-        a batch sum (``per="sum"``). Counts one data pass. Non-finite results raise
+        Returns :math:`\sum_b f(x_b, y_b)` when ``fn`` returns a batch's
+        contribution to a data-set total (``per="term"``, e.g. a quantity built
+        on :meth:`batch_term`), :math:`\frac1N\sum_b n_b\, f(x_b, y_b)` when it
+        returns a batch mean over samples (``per="mean"``), or
+        :math:`\frac1N\sum_b f(x_b, y_b)` when it returns a batch sum over
+        samples (``per="sum"``). Counts one data pass. Non-finite results raise
         :class:`NonFiniteError` naming the first offending batch; a batch whose
         class labels lie outside the model's outputs raises ``ValueError`` naming
         the batch, the label and the number of outputs.
@@ -236,7 +324,7 @@ class ObjectiveCore(DistributedMixin):
         Args:
             fn: ``fn(inputs, targets) -> Tensor`` of a fixed shape.
             what: what is computed, for error messages ("loss", "gradient", ...).
-            per: whether ``fn`` returns a batch mean or a batch sum.
+            per: whether ``fn`` returns a term, a batch mean or a batch sum.
             higher_order: whether ``fn`` takes second derivatives (see
                 :meth:`probe_mode`).
             check_finite: raise on non-finite values (``False`` returns them).
@@ -246,6 +334,8 @@ class ObjectiveCore(DistributedMixin):
         Returns:
             The average, a tensor of ``fn``'s shape.
         """
+        if per == "term":
+            self.loss_totals()  # before any transform of fn, and only once
         total: Tensor | None = None
         count = 0
         finite: list[Tensor] = []
@@ -266,9 +356,12 @@ class ObjectiveCore(DistributedMixin):
             self.counters.passes += 1
         if total is None:
             raise ValueError(f"the data yielded no batches while computing the {what}.")
-        flat = torch.cat([total.reshape(-1), total.new_tensor([count])])
-        flat = self.all_reduce(flat)
-        result = (flat[:-1] / flat[-1]).view(total.shape)
+        if per == "term":
+            result = self.all_reduce(total)
+        else:
+            flat = torch.cat([total.reshape(-1), total.new_tensor([count])])
+            flat = self.all_reduce(flat)
+            result = (flat[:-1] / flat[-1]).view(total.shape)
         if check_finite:
             flags = torch.stack(finite)
             if not bool(flags.all()) or not bool(torch.isfinite(result).all()):

@@ -9,17 +9,22 @@ Three forms are accepted:
   :class:`~torch.utils.data.DataLoader`, streamed on every pass.
 
 Every pass yields the same samples, so that a loss, a gradient and a
-Hessian-vector product all refer to one function.
+Hessian-vector product all refer to one function. A DataLoader with
+``drop_last=True`` yields only its full batches: the objective is then over the
+samples it yields, not its whole data set (a warning says so). Inputs must be
+tensors: a dict of inputs is refused (wrap the model so that it takes one
+tensor).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 __all__ = ["Batch", "DataSource", "make_source"]
 
@@ -141,8 +146,15 @@ def _unpack_batch(item: object, index: int) -> Batch:
         return x, y
     raise TypeError(
         f"batch {index}: expected an (inputs, targets) pair of tensors; got "
-        f"{_describe(item)}. Make the loader yield (inputs, targets) tuples."
+        f"{_describe(item)}. Make the loader yield (inputs, targets) tuples"
+        + _DICT_HINT
     )
+
+
+_DICT_HINT = (
+    " (inputs given as a dict are not accepted: wrap the model in a module "
+    "that takes one tensor and builds the dict)."
+)
 
 
 def _describe(obj: object) -> str:
@@ -214,6 +226,14 @@ def make_source(
                 f"the data is a one-shot iterator ({type(data).__name__}): probes pass "
                 "over the data many times. Pass a re-iterable such as a list of "
                 "batches or a DataLoader."
+            )
+        if isinstance(data, DataLoader) and data.drop_last:
+            warnings.warn(
+                "the DataLoader has drop_last=True: the objective is over the "
+                "samples of the batches it yields, without the samples it drops. "
+                "Pass drop_last=False for the loss over the whole data set.",
+                UserWarning,
+                stacklevel=3,
             )
         # emptiness shows on the first read, in Objective's validation pass
         return DataSource(
@@ -297,7 +317,7 @@ def _from_dataset(
     if not isinstance(X, Tensor) or not isinstance(Y, Tensor):
         raise TypeError(
             f"the {type(data).__name__}'s samples must collate to tensors; got "
-            f"inputs {_describe(X)} and targets {_describe(Y)}."
+            f"inputs {_describe(X)} and targets {_describe(Y)}" + _DICT_HINT
         )
     return DataSource(
         "dataset",

@@ -31,7 +31,7 @@ class EvaluationMixin(ObjectiveCore):
     _knows_accuracy: bool | None
 
     def evaluate(self, points: Tensor, *, chunk_size: int | None = 16) -> Tensor:
-        """The mean loss at many parameter points in one pass over the data.
+        """The loss over the data set at many parameter points in one pass.
 
         Points are evaluated ``chunk_size`` at a time with ``vmap`` (bounding
         memory to about ``chunk_size`` forward passes of one batch);
@@ -91,7 +91,7 @@ class EvaluationMixin(ObjectiveCore):
         names = ["loss", "accuracy"] if accuracy else ["loss"]
         if points.shape[0] == 0:
             return {n: points.new_empty(0) for n in names}
-        stats = _point_stats(self.loss_fn, accuracy)
+        stats = _point_stats(self.loss_term, accuracy)
         runner = (
             self._point_runner() if chunk_size == 1 and points.shape[0] > 1 else None
         )
@@ -109,6 +109,8 @@ class EvaluationMixin(ObjectiveCore):
                 check_finite=False,
             )
         self.counters.loss += points.shape[0]
+        if accuracy:  # correct counts over all samples: a fraction
+            out = torch.stack([out[:, 0], out[:, 1] / self.loss_totals().n_samples], 1)
         return {n: out[:, i] for i, n in enumerate(names)}
 
     def _check_points(self, points: object, chunk_size: int | None) -> None:
@@ -174,14 +176,16 @@ class EvaluationMixin(ObjectiveCore):
         return runner
 
 
-def _point_stats(loss_fn: LossFn, accuracy: bool) -> Callable[[Tensor, Tensor], Tensor]:
-    """``stats(outputs, targets)``: the loss, and the accuracy if asked, as a row."""
+def _point_stats(
+    loss_term: LossFn, accuracy: bool
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``stats(outputs, targets)``: the loss term, and correct predictions, as a row."""
 
     def stats(out: Tensor, y: Tensor) -> Tensor:
-        loss = loss_fn(out, y)
+        loss = loss_term(out, y)
         if not accuracy:
             return loss.reshape(1)
-        acc = (out.argmax(-1) == y).to(loss.dtype).mean()
+        acc = (out.argmax(-1) == y).to(loss.dtype).sum()
         # argmax of a NaN row is an index like any other: no accuracy there.
         acc = torch.where(torch.isfinite(loss), acc, torch.full_like(acc, math.nan))
         return torch.stack([loss, acc])

@@ -22,6 +22,7 @@ from lossgeom.objective._data import DataSource, make_source
 from lossgeom.objective._evaluate import EvaluationMixin
 from lossgeom.objective._norm import NormStatisticsMixin
 from lossgeom.objective._products import ProductsMixin
+from lossgeom.objective._reduction import resolve_reduction
 from lossgeom.objective._validation import (
     check_arguments,
     check_first_batch,
@@ -34,10 +35,18 @@ __all__ = ["Counters", "NonFiniteError", "Objective"]
 class Objective(ProductsMixin, EvaluationMixin, NormStatisticsMixin):
     r"""A model, a loss and data, seen as a function of a flat parameter vector.
 
-    The objective is the mean loss over all samples,
-    :math:`L(\theta) = \frac{1}{N}\sum_b n_b\, \ell_b(\theta)`, where
-    ``loss_fn`` returns the batch mean :math:`\ell_b` of batch ``b`` with
-    :math:`n_b` samples, so uneven last batches are weighted exactly.
+    The objective is the loss function's own reduction applied to the whole data
+    set at once, whatever the batching:
+    :math:`L(\theta) = \frac{1}{Z}\sum_b S_b(\theta)`, where :math:`S_b` is
+    batch ``b``'s loss with ``reduction="sum"`` and :math:`Z` the data-set
+    normalizer of the loss's reduction (1 for ``"sum"``, the number of loss
+    elements for a ``"mean"``, the total weight of the kept targets for a
+    class-weighted or ``ignore_index`` cross-entropy, the number of samples for
+    ``"batchmean"``). Uneven last batches, class weights and ignored targets
+    are therefore weighted exactly. A custom loss declares its reduction with an
+    attribute ``reduction`` (and optionally ``lossgeom_normalizer(targets)``);
+    one that declares nothing is taken to be a mean over samples, checked on
+    the first batch when the data has more than one (see ``docs/objective.md``).
 
     The objective never changes the model: it evaluates with
     :func:`torch.func.functional_call` on the parameters it is given, in the mode
@@ -49,8 +58,9 @@ class Objective(ProductsMixin, EvaluationMixin, NormStatisticsMixin):
     Args:
         model: any ``nn.Module``; its trainable parameters (``requires_grad``) are
             the coordinates of :math:`\theta`, in ``named_parameters()`` order.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` batch mean, e.g.
-            ``nn.CrossEntropyLoss()``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, e.g.
+            ``nn.CrossEntropyLoss()`` (``reduction`` ``"mean"`` or ``"sum"``;
+            ``"none"`` is refused), or a custom loss (see above).
         data: ``(inputs, targets)`` tensors, a map-style ``Dataset`` of pairs, or a
             re-iterable of ``(inputs, targets)`` batches (a ``DataLoader``).
         max_samples: use a fixed subset of this many samples (seeded by ``seed``
@@ -120,6 +130,8 @@ class Objective(ProductsMixin, EvaluationMixin, NormStatisticsMixin):
                 )
         self.model = model
         self.loss_fn = loss_fn
+        self._reduction = resolve_reduction(loss_fn)
+        self._totals = None
         self.mode: Mode = mode
         self.hvp_backend: HvpBackend = hvp_backend
         self.hvp_backend_used: str | None = (
@@ -186,11 +198,11 @@ class Objective(ProductsMixin, EvaluationMixin, NormStatisticsMixin):
 
     # --------------------------------------------------------------- quantities
     def loss(self, theta: Tensor | None = None) -> float:
-        """The mean loss over all samples at ``theta`` (default: the model's)."""
+        """The loss over the data set at ``theta`` (default: the model's)."""
         theta = self.check_theta(theta)
         with torch.no_grad():
             value = self.accumulate(
-                lambda x, y: self.batch_loss(theta, x, y),
+                lambda x, y: self.batch_term(theta, x, y),
                 what="loss",
                 higher_order=False,
             )
@@ -198,17 +210,17 @@ class Objective(ProductsMixin, EvaluationMixin, NormStatisticsMixin):
         return float(value)
 
     def grad(self, theta: Tensor | None = None) -> Tensor:
-        """The gradient of the mean loss at ``theta``, shape ``(d,)``."""
+        """The gradient of the loss over the data set at ``theta``, shape ``(d,)``."""
         return self.loss_and_grad(theta)[1]
 
     def loss_and_grad(self, theta: Tensor | None = None) -> tuple[float, Tensor]:
-        """The mean loss and its gradient in one pass (reverse-mode autograd)."""
+        """The loss over the data set and its gradient in one pass (reverse mode)."""
         theta = self.check_theta(theta)
 
         def fn(x: Tensor, y: Tensor) -> Tensor:
             with torch.enable_grad():
                 t = theta.detach().requires_grad_(True)
-                value = self.batch_loss(t, x, y)
+                value = self.batch_term(t, x, y)
                 (g,) = torch.autograd.grad(value, t, allow_unused=True)
             g = torch.zeros_like(theta) if g is None else g
             return torch.cat([g, value.detach().reshape(1)])

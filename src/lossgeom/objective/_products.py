@@ -86,22 +86,25 @@ class ProductsMixin(ObjectiveCore):
     def _hvp_with(self, backend: str, V: Tensor, theta: Tensor) -> Tensor:
         if backend == "forward-over-reverse":
             return self.accumulate(
-                lambda x, y: _hvp_forward_over_reverse(self.batch_loss, theta, V, x, y),
+                lambda x, y: _hvp_forward_over_reverse(self.batch_term, theta, V, x, y),
                 what="Hessian-vector product",
             )
         return self.accumulate(
-            lambda x, y: _hvp_double_backward(self.batch_loss, theta, V, x, y),
+            lambda x, y: _hvp_double_backward(self.batch_term, theta, V, x, y),
             what="Hessian-vector product",
         )
 
     def per_sample_grad(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Per-sample gradients on one batch, shape ``(n, d)``, via ``vmap``.
+        r"""Per-sample gradients on one batch, shape ``(n, d)``, via ``vmap``.
 
-        Sample ``i``'s loss is ``loss_fn`` on a batch of that one sample, so a loss
-        whose batch mean is not the plain mean of per-sample losses (e.g.
-        class-weighted cross-entropy) gives per-sample gradients that do not
-        average to the batch gradient. Needs ``mode="eval"``: batch statistics of a
-        single sample are meaningless.
+        The objective is a sum of per-sample contributions,
+        :math:`L = \sum_i c_i` (:math:`c_i` is sample ``i``'s term, see
+        :meth:`loss_term`: :math:`w_i \ell_i / W` for class-weighted
+        cross-entropy, :math:`\ell_i / N` for a plain mean); row ``i`` is
+        :math:`g_i = N \nabla c_i`, so that the mean of the rows over the data set
+        is the full-data gradient. For a plain mean over samples :math:`g_i` is
+        the gradient of sample ``i``'s loss. Needs ``mode="eval"``: batch
+        statistics of a single sample are meaningless.
         """
         if self.mode != "eval":
             raise ValueError(
@@ -110,8 +113,11 @@ class ProductsMixin(ObjectiveCore):
                 "Objective with mode='eval'."
             )
 
+        scale = float(self.loss_totals().n_samples)
+
         def one(t: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
-            return self.batch_loss(t, xi.unsqueeze(0), yi.unsqueeze(0))
+            out = self.model_fn(t, xi.unsqueeze(0))
+            return self.loss_term(out, yi.unsqueeze(0), scale)
 
         return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
 

@@ -98,7 +98,9 @@ def check_loss_value(loss: object) -> None:
                 if isinstance(loss, Tensor)
                 else type(loss).__name__
             )
-            + ". Use reduction='mean' (the default of torch.nn losses)."
+            + ". Use reduction='mean' (the default of torch.nn losses) or 'sum'; "
+            "reduction='none' is not accepted (the objective is the loss's own "
+            "reduction applied to the whole data set)."
         )
 
 

@@ -30,6 +30,7 @@ def _setup(
             f"d = {obj.dim}."
         )
     theta = (obj.theta if theta is None else theta).detach()
+    obj.loss_totals()
     named = dict(obj.model.named_parameters())
     frozen = {n: p.detach() for n, p in named.items() if n not in obj.names}
     buffers = obj.probe_buffers()
@@ -50,20 +51,22 @@ def _setup(
 def _weighted_sum(
     obj: Objective, per_batch: Callable[[Tensor, Tensor], Tensor]
 ) -> Tensor:
-    total, count = None, 0
+    """The sum over batches of each batch's contribution (``obj.loss_term``)."""
+    total = None
     with obj.probe_mode():
         for x, y in obj.batches():
-            value = per_batch(x, y) * x.shape[0]
+            value = per_batch(x, y)
             total = value if total is None else total + value
-            count += x.shape[0]
-    return total / count
+    return total
 
 
 def exact_loss(obj: Objective, theta: Tensor | None = None) -> float:
-    """The mean loss by a plain loop over batches."""
+    """The loss over the data set by a plain loop over batches."""
     theta, outputs = _setup(obj, theta)
     with torch.no_grad():
-        return float(_weighted_sum(obj, lambda x, y: obj.loss_fn(outputs(theta, x), y)))
+        return float(
+            _weighted_sum(obj, lambda x, y: obj.loss_term(outputs(theta, x), y))
+        )
 
 
 def exact_gradient(obj: Objective, theta: Tensor | None = None) -> Tensor:
@@ -73,7 +76,7 @@ def exact_gradient(obj: Objective, theta: Tensor | None = None) -> Tensor:
     def per_batch(x: Tensor, y: Tensor) -> Tensor:
         with torch.enable_grad():
             t = theta.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(obj.loss_fn(outputs(t, x), y), t)
+            (g,) = torch.autograd.grad(obj.loss_term(outputs(t, x), y), t)
         return g
 
     return _weighted_sum(obj, per_batch)
@@ -90,7 +93,8 @@ def exact_hessian(obj: Objective, theta: Tensor | None = None) -> Tensor:
     """
     theta, outputs = _setup(obj, theta)
     return _weighted_sum(
-        obj, lambda x, y: jacrev(grad(lambda t: obj.loss_fn(outputs(t, x), y)))(theta)
+        obj,
+        lambda x, y: jacrev(grad(lambda t: obj.loss_term(outputs(t, x), y)))(theta),
     )
 
 
@@ -101,7 +105,7 @@ def exact_ggn(obj: Objective, theta: Tensor | None = None) -> Tensor:
     def per_batch(x: Tensor, y: Tensor) -> Tensor:
         out = outputs(theta, x).detach()
         J = jacrev(lambda t: outputs(t, x))(theta).reshape(out.numel(), -1)
-        H_out = hessian(lambda o: obj.loss_fn(o, y))(out).reshape(
+        H_out = hessian(lambda o: obj.loss_term(o, y))(out).reshape(
             out.numel(), out.numel()
         )
         return J.T @ H_out @ J
@@ -112,15 +116,21 @@ def exact_ggn(obj: Objective, theta: Tensor | None = None) -> Tensor:
 def exact_gradient_covariance(
     obj: Objective, theta: Tensor | None = None, *, centered: bool = True, ddof: int = 0
 ) -> Tensor:
-    """The per-sample gradient covariance from a Python loop, one sample at a time."""
+    """The per-sample gradient covariance from a Python loop, one sample at a time.
+
+    Sample ``i``'s gradient is ``N`` times the gradient of its contribution to
+    the objective (see :meth:`Objective.per_sample_grad`).
+    """
     theta, outputs = _setup(obj, theta)
+    scale = float(obj.loss_totals().n_samples)
     grads = []
     with obj.probe_mode():
         for x, y in obj.batches():
             for i in range(x.shape[0]):
                 with torch.enable_grad():
                     t = theta.clone().requires_grad_(True)
-                    loss = obj.loss_fn(outputs(t, x[i : i + 1]), y[i : i + 1])
+                    out = outputs(t, x[i : i + 1])
+                    loss = obj.loss_term(out, y[i : i + 1], scale)
                     (g,) = torch.autograd.grad(loss, t, allow_unused=True)
                 grads.append(torch.zeros_like(theta) if g is None else g)
     G = torch.stack(grads)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lossgeom.curvature.spectra import eigenvalues, trace
 from lossgeom.linalg import SymmetricOperator
-from lossgeom.objective import Objective
+from lossgeom.objective import Objective, resolve_reduction
 from lossgeom.train._build import subset
 from lossgeom.train._callbacks import Callback, TrainState
 from lossgeom.train._config import MetricsConfig, OptimConfig
@@ -132,15 +132,17 @@ class LossAccuracy(Callback):
         was = model.training
         model.eval()
         try:
-            total, correct, n = 0.0, 0, X.shape[0]
+            chunks, correct, n = [], 0, X.shape[0]
             for i in range(0, n, 1024):
                 out = model(X[i : i + 1024])
-                total += float(loss_fn(out, y[i : i + 1024])) * out.shape[0]
+                chunks.append((out, y[i : i + 1024]))
                 if self.classification:
                     correct += int((out.argmax(1) == y[i : i + 1024]).sum())
+            # the loss's own reduction over all chunks at once (docs/objective.md)
+            loss = resolve_reduction(loss_fn).value_over(chunks)
         finally:
             model.train(was)
-        res = {"loss": total / n}
+        res = {"loss": loss}
         if self.classification:
             res["accuracy"] = correct / n
         return res
