@@ -69,7 +69,7 @@ def test_weight_matching_lowers_the_barrier_more_for_wider_mlps():
                 loss_fn=nn.CrossEntropyLoss(),
                 data=train_data,
                 eval_data=test_data,
-                steps=25,
+                n_points=25,
             )
             end_losses = (float(res.loss_before[0]), float(res.loss_before[-1]))
             # the precondition: both ends are trained to a low training loss
