@@ -156,10 +156,10 @@ def test_truncated_edited_or_renamed_checkpoints_name_the_file(whole, tmp_path):
     with pytest.raises(DamagedFileError, match="step_0000015.json"):
         read_checkpoint(side)
     # ... even with its checksum made to match: the file name says 15
-    from lossgeom.train._state import _content_sha
+    from lossgeom._io import record_sha256
 
     forged = {**meta, "step": 14}
-    forged["sha256"] = _content_sha(forged)
+    forged["sha256"] = record_sha256(forged)
     side.write_text(json.dumps(forged))
     with pytest.raises(DamagedFileError, match="file name"):
         read_checkpoint(side)
@@ -172,7 +172,7 @@ def test_truncated_edited_or_renamed_checkpoints_name_the_file(whole, tmp_path):
     side = ck / "step_0000020.json"
     meta = json.loads(side.read_text())
     meta["rng"]["torch"] = "bm90IGFuIFJORyBzdGF0ZQ=="
-    meta["sha256"] = _content_sha(meta)
+    meta["sha256"] = record_sha256(meta)
     side.write_text(json.dumps(meta))
     with pytest.raises(DamagedFileError, match="RNG state"):
         read_checkpoint(side)

@@ -260,8 +260,7 @@ def test_cost_adds_and_meters_the_objective(problem):
     _, obj, _, _ = problem
     with timed(obj) as meter:
         obj.hvp(torch.ones(obj.dim, 3, dtype=DTYPE))
-        meter.add_matvecs(2)
-    cost = meter.cost
+    cost = meter.cost.add(matvecs=2)
     assert cost.matvecs == 3 + 2 and cost.counters["hvp"] == 3
     assert cost.data_passes >= 1 and cost.seconds > 0
     total = cost + Cost(1, 1, 1.0, {"hvp": 1, "grad": 2})

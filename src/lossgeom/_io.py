@@ -1,7 +1,8 @@
-"""Atomic file writes: a temp file in the same folder, then a rename."""
+"""Atomic file writes (a temp file in the same folder, then a rename) and checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -9,7 +10,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_json",
+    "atomic_write_text",
+    "record_sha256",
+    "sha256",
+]
 
 
 @contextmanager
@@ -52,3 +59,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, data: object) -> Path:
     """Write ``data`` as indented strict JSON (no NaN or infinity), atomically."""
     return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def sha256(data: bytes) -> str:
+    """The SHA-256 of ``data``, in hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_sha256(record: dict) -> str:
+    """The SHA-256 of a JSON record's content, its own ``"sha256"`` entry left out.
+
+    A file stores it under ``"sha256"``; recomputing it on load detects any edit.
+    """
+    check = {k: v for k, v in record.items() if k != "sha256"}
+    return sha256(json.dumps(check, sort_keys=True, allow_nan=False).encode())

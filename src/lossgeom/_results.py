@@ -34,7 +34,6 @@ the caller knowing its class.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -49,7 +48,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lossgeom._io import atomic_path, atomic_write_text
+from lossgeom._io import atomic_path, atomic_write_text, record_sha256, sha256
 
 __all__ = [
     "Cost",
@@ -113,11 +112,6 @@ def jsonable(value: Any) -> Any:
     )
 
 
-def dumps(data: Any, **kwargs: Any) -> str:
-    """Strict JSON text of ``data`` (after :func:`jsonable`)."""
-    return json.dumps(jsonable(data), allow_nan=False, **kwargs)
-
-
 # -------------------------------------------------------------------------- cost
 @dataclass(frozen=True)
 class Cost:
@@ -159,15 +153,8 @@ class Cost:
         )
 
     def __add__(self, other: Cost) -> Cost:
-        keys = set(self.counters) | set(other.counters)
-        return Cost(
-            matvecs=self.matvecs + other.matvecs,
-            data_passes=self.data_passes + other.data_passes,
-            seconds=self.seconds + other.seconds,
-            counters={
-                k: self.counters.get(k, 0) + other.counters.get(k, 0)
-                for k in sorted(keys)
-            },
+        return self.add(
+            other.matvecs, other.data_passes, other.seconds, **other.counters
         )
 
 
@@ -177,14 +164,13 @@ class CostMeter:
     The objective's counters (if any) are read at the start and at the end: its
     Hessian and Gauss-Newton products count as ``matvecs``, its passes as
     ``data_passes``. Products the objective does not see (e.g. with a
-    covariance operator) are added with :meth:`add_matvecs`.
+    covariance operator) are added to the result's cost with :meth:`Cost.add`.
     """
 
     def __init__(self, objective: Any = None):
         self._objective = objective
         self._start = time.perf_counter()
         self._before = self._counters()
-        self._extra = 0
         self._final: Cost | None = None
 
     def _counters(self) -> dict[str, int]:
@@ -192,30 +178,26 @@ class CostMeter:
             return {}
         return dict(self._objective.counters.to_dict())
 
-    def add_matvecs(self, n: int) -> None:
-        """Count ``n`` products that the objective's counters do not see."""
-        self._extra += int(n)
+    def _measure(self) -> Cost:
+        after = self._counters()
+        spent = {k: after[k] - self._before.get(k, 0) for k in after}
+        return Cost(
+            matvecs=spent.get("hvp", 0) + spent.get("ggn", 0),
+            data_passes=spent.get("passes", 0),
+            seconds=time.perf_counter() - self._start,
+            counters=spent,
+        )
 
     def stop(self) -> Cost:
         """Freeze the cost (called when the block ends)."""
         if self._final is None:
-            after = self._counters()
-            spent = {k: after[k] - self._before.get(k, 0) for k in after}
-            from_objective = spent.get("hvp", 0) + spent.get("ggn", 0)
-            self._final = Cost(
-                matvecs=from_objective + self._extra,
-                data_passes=spent.get("passes", 0),
-                seconds=time.perf_counter() - self._start,
-                counters=spent,
-            )
+            self._final = self._measure()
         return self._final
 
     @property
     def cost(self) -> Cost:
         """The cost so far, or the frozen one once the block has ended."""
-        if self._final is not None:
-            return self._final
-        return Cost(matvecs=self._extra, seconds=time.perf_counter() - self._start)
+        return self._final if self._final is not None else self._measure()
 
 
 @contextmanager
@@ -224,9 +206,9 @@ def timed(objective: Any = None) -> Iterator[CostMeter]:
 
     Example:
         >>> with timed() as meter:
-        ...     meter.add_matvecs(3)
-        >>> meter.cost.matvecs
-        3
+        ...     pass
+        >>> meter.cost.matvecs, meter.cost.seconds >= 0
+        (0, True)
     """
     meter = CostMeter(objective)
     try:
@@ -310,7 +292,7 @@ class Result:
     @classmethod
     def _from_saved(cls, values: dict[str, Any]) -> Result:
         """Rebuild from the values of :meth:`_fields_to_save`, as loaded."""
-        return _construct(cls, values)
+        return cls(**values)
 
 
 # ------------------------------------------------------------------- save / load
@@ -423,21 +405,8 @@ def _decode(value: Any, arrays: dict[str, Tensor]) -> Any:
         kwargs = {k: _decode(v, arrays) for k, v in value["fields"].items()}
         if issubclass(cls, Result):
             return cls._from_saved(kwargs)
-        return _construct(cls, kwargs)
+        return cls(**kwargs)
     return {k: _decode(v, arrays) for k, v in value.items()}
-
-
-def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
-    init = {f.name for f in dataclasses.fields(cls) if f.init}
-    obj = cls(**{k: v for k, v in kwargs.items() if k in init})
-    for k, v in kwargs.items():  # fields computed in __post_init__
-        if k not in init:
-            object.__setattr__(obj, k, v)
-    return obj
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def save_result(result: Any, path: str | os.PathLike) -> Path:
@@ -476,7 +445,7 @@ def save_result(result: Any, path: str | os.PathLike) -> Path:
     arrays_name = ARRAYS.format(generation)
     with atomic_path(folder / arrays_name, suffix=".safetensors") as tmp:
         save_file(arrays, str(tmp), metadata={"generation": generation})
-        arrays_sha = _sha256(tmp.read_bytes())
+        arrays_sha = sha256(tmp.read_bytes())
     meta = {
         "format": FORMAT,
         "type": type(result).__name__,
@@ -485,7 +454,7 @@ def save_result(result: Any, path: str | os.PathLike) -> Path:
         "arrays_sha256": arrays_sha,
         "result": body,
     }
-    meta["sha256"] = _sha256(json.dumps(meta, sort_keys=True).encode())
+    meta["sha256"] = record_sha256(meta)
     atomic_write_text(folder / META, json.dumps(meta, indent=1, allow_nan=False) + "\n")
     for old in folder.glob(ARRAYS.format("*")):
         if old.name != arrays_name:  # earlier generations, now unreferenced
@@ -530,8 +499,7 @@ def load_result(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
             f"{meta_file} is not a saved result of format {FORMAT} (found format "
             f"{found!r}); save it again with this version of lossgeom."
         )
-    check = {k: v for k, v in meta.items() if k != "sha256"}
-    if meta.get("sha256") != _sha256(json.dumps(check, sort_keys=True).encode()):
+    if meta.get("sha256") != record_sha256(meta):
         raise _damaged(meta_file, "its checksum does not match its content")
     name = meta.get("arrays")
     if not isinstance(name, str) or Path(name).name != name:
@@ -541,7 +509,7 @@ def load_result(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
         raw = arrays_file.read_bytes()
     except FileNotFoundError:
         raise _damaged(arrays_file, "missing") from None
-    if _sha256(raw) != meta["arrays_sha256"]:
+    if sha256(raw) != meta["arrays_sha256"]:
         raise ValueError(
             f"{arrays_file} does not belong to {meta_file} (its checksum differs: "
             "the file is damaged, or the folder mixes two saves). Save the result "

@@ -15,10 +15,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lossgeom.objective import Objective, check_direction
+from lossgeom.objective import Objective
 
 __all__ = [
-    "check_direction",
     "evaluate_grid",
     "evaluate_points",
     "second_objective",

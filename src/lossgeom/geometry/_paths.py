@@ -10,11 +10,10 @@ from torch import Tensor
 from lossgeom._results import CostMeter, Result
 from lossgeom.geometry._evaluation import (
     barrier,
-    check_direction,
     evaluate_points,
     second_objective,
 )
-from lossgeom.objective import Objective
+from lossgeom.objective import Objective, check_direction
 
 __all__ = ["BARRIER_DEFINITION", "PathResult", "interpolate"]
 

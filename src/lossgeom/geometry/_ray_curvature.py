@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from lossgeom._results import CostMeter, Result
-from lossgeom.geometry._directions import Normalization, OneDim, random_directions
-from lossgeom.geometry._evaluation import check_direction, evaluate_grid
-from lossgeom.objective import Objective
+from lossgeom.geometry._directions import random_directions
+from lossgeom.geometry._evaluation import evaluate_grid
+from lossgeom.objective import Normalization, Objective, OneDim, check_direction
 
 __all__ = ["RayCurvature", "ray_curvature"]
 

@@ -15,27 +15,18 @@ from torch import Tensor
 
 from lossgeom._results import CostMeter
 from lossgeom.geometry._directions import (
-    Normalization,
-    OneDim,
     PCADirections,
     orthogonalize,
     random_direction,
     random_directions,
 )
-from lossgeom.geometry._evaluation import (
-    check_direction,
-    evaluate_grid,
-    second_objective,
-)
-from lossgeom.geometry._ray_curvature import RayCurvature, ray_curvature
+from lossgeom.geometry._evaluation import evaluate_grid, second_objective
 from lossgeom.geometry._slice_results import SliceResult, Surface
-from lossgeom.objective import Objective
+from lossgeom.objective import Normalization, Objective, OneDim, check_direction
 
 __all__ = [
-    "RayCurvature",
     "SliceResult",
     "Surface",
-    "ray_curvature",
     "slice_1d",
     "slice_2d",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import hashlib
 import json
 import os
 import re
@@ -32,7 +31,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 from torch import Tensor
 
-from lossgeom._io import atomic_path, atomic_write_json, atomic_write_text
+from lossgeom._io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    record_sha256,
+    sha256,
+)
 from lossgeom._results import jsonable
 from lossgeom.train._rundir import STATUS, DamagedFileError, read_json
 
@@ -52,15 +57,6 @@ __all__ = [
 FORMAT = 2
 _NAME = re.compile(r"^step_(\d+)\.json$")
 _RESTORE = "Resume from an earlier checkpoint (delete this one), or start again."
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _content_sha(meta: dict) -> str:
-    check = {k: v for k, v in meta.items() if k != "sha256"}
-    return _sha256(json.dumps(check, sort_keys=True, allow_nan=False).encode())
 
 
 def save_checkpoint(
@@ -107,7 +103,7 @@ def save_checkpoint(
             )
         except SafetensorError as err:  # an I/O error (disk full, ...) inside
             raise _os_error(err, stem.with_suffix(".safetensors")) from err
-        weights_sha = _sha256(tmp.read_bytes())
+        weights_sha = sha256(tmp.read_bytes())
     rng = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = [
@@ -127,7 +123,7 @@ def save_checkpoint(
             "extra": extra or {},
         }
     )
-    sidecar["sha256"] = _content_sha(sidecar)
+    sidecar["sha256"] = record_sha256(sidecar)
     atomic_write_json(stem.with_suffix(".json"), sidecar)
     return stem.with_suffix(".json")
 
@@ -231,7 +227,7 @@ def read_checkpoint(sidecar: Path, model: torch.nn.Module | None = None) -> Chec
             "is not a checkpoint of this version of lossgeom (no format "
             f"{FORMAT} sidecar)",
         )
-    if meta.get("sha256") != _content_sha(meta):
+    if meta.get("sha256") != record_sha256(meta):
         raise _damaged(path, "was changed after it was written (checksum differs)")
     if m is None or meta.get("step") != int(m.group(1)):
         raise _damaged(
@@ -246,7 +242,7 @@ def read_checkpoint(sidecar: Path, model: torch.nn.Module | None = None) -> Chec
         raw = weights.read_bytes()
     except FileNotFoundError:
         raise _damaged(weights, "is missing (its sidecar exists)") from None
-    if _sha256(raw) != meta.get("weights_sha256"):
+    if sha256(raw) != meta.get("weights_sha256"):
         raise _damaged(
             weights,
             f"does not match its sidecar {path.name} (checksum differs: the file "
