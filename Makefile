@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/slices.py
 	$(PY) benchmarks/gradient_noise.py
 	$(PY) benchmarks/train_callbacks.py
+	$(PY) benchmarks/study.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

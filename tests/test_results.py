@@ -6,6 +6,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -83,13 +85,53 @@ def _factories(problem, run_dir=None):
             run_dir / "run",
         ),
         "Cost": lambda: Cost(3, 2, 0.5, {"hvp": 3}),
+        "StudyStatus": lambda: lg.study.StudyStatus(
+            directory="out",
+            name="s",
+            counts={"finished": 3, "failed": 1},
+            failures=[{"run_id": "a", "error": "ValueError: x", "run_dir": "out/a"}],
+        ),
+        "TestResult": lambda: _paired(),
+        "BootstrapCI": lambda: lg.analysis.bootstrap_ci(
+            np.arange(10.0), n_resamples=99
+        ),
+        "GranulatedKendall": lambda: lg.analysis.granulated_kendall(
+            pd.DataFrame(
+                {
+                    "a": [0, 0, 1, 1],
+                    "b": [0, 1, 0, 1],
+                    "m": [1, 2, 3, 4],
+                    "t": [1, 2, 4, 3],
+                }
+            ),
+            "m",
+            "t",
+            ["a", "b"],
+        ),
+        "Score": lambda: lg.analysis.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]),
+        "HypothesisResult": lambda: lg.analysis.HypothesisResult(
+            hypothesis="H1",
+            claim="c",
+            study="out",
+            tests=[_paired()],
+            verdict="inconclusive",
+            data={"pairs": [["a", "b"]]},
+        ),
     }
+
+
+def _paired():
+    a = np.array([1.0, 2.0, 3.5, 4.0])
+    return lg.analysis.paired_test(
+        a, a + [0.1, -0.3, 0.2, 0.5], claim="a < b", expect="less"
+    )
 
 
 def _public_result_types() -> set[str]:
     """Every Result subclass a user can reach from ``lossgeom``'s public modules."""
     names = set()
-    for module in (lg, lg.measures, lg.geometry, lg.linalg, lg.curvature, lg.train):
+    modules = (lg, lg.measures, lg.geometry, lg.linalg, lg.curvature, lg.train)
+    for module in (*modules, lg.study, lg.analysis):
         for name in getattr(module, "__all__", []):
             obj = getattr(module, name)
             if isinstance(obj, type) and issubclass(obj, Result) and obj is not Result:
@@ -130,6 +172,12 @@ def test_every_public_result_type_has_a_round_trip_case(problem):
         "IntrinsicDimensionResult",
         "TrainResult",
         "Cost",
+        "StudyStatus",
+        "TestResult",
+        "BootstrapCI",
+        "GranulatedKendall",
+        "Score",
+        "HypothesisResult",
     ],
 )
 def test_save_and_load_round_trip_exactly(problem, name, tmp_path):

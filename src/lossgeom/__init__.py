@@ -176,3 +176,12 @@ __all__ = [
     "load_config",
     "train",
 ]
+
+
+def __getattr__(name: str):
+    """``lg.study``, ``lg.analysis``: imported on first use (they bring pandas)."""
+    if name in ("study", "analysis"):
+        import importlib
+
+        return importlib.import_module(f"lossgeom.{name}")
+    raise AttributeError(f"module 'lossgeom' has no attribute {name!r}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
+
+from lossgeom.cli._study import analyze_cmd, study_app
 
 app = typer.Typer(
     name="lossgeom",
@@ -12,6 +15,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+app.add_typer(study_app)
+app.command("analyze")(analyze_cmd)
 
 
 @app.callback()
@@ -59,6 +66,8 @@ def train_cmd(
 ) -> None:
     """Train from CONFIG, writing metrics.jsonl, checkpoints and status.json.
 
+    Under torchrun the run is data-parallel and rank 0 alone writes and prints.
+
     Exit codes: 0 finished, 3 diverged; on an error one line on stderr and 2
     (config), 4 (damaged file), 5 (run directory in use), 6 (I/O: disk full,
     permissions), 130 (interrupted) or 1 (anything else).
@@ -74,10 +83,11 @@ def train_cmd(
     except Exception as err:  # one clear line per kind of error, never a traceback
         kind, code = _error_kind(err)
         _fail(kind, err, code)
-    typer.echo(
-        f"{result.status} at step {result.step} in {result.cost.seconds:.1f} s; "
-        f"run directory {result.run_dir}"
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone prints
+        typer.echo(
+            f"{result.status} at step {result.step} in {result.cost.seconds:.1f} s; "
+            f"run directory {result.run_dir}"
+        )
     if result.status != "finished":
         raise typer.Exit(code=3)
 

@@ -308,8 +308,19 @@ class OutlierResult(Result):
     gaps: Tensor
 
     def scalars(self) -> dict[str, float]:
-        """The number of outliers (``value``)."""
-        return {"value": float(self.n_outliers)}
+        """The number of outliers (``value``), their size and the bulk edge.
+
+        ``largest`` is the top eigenvalue (the first outlier, or the bulk edge
+        when there is none), ``mass`` the sum of the outliers (0 for none) and
+        ``bulk_edge`` the largest eigenvalue of the bulk.
+        """
+        top = self.values[0] if self.n_outliers else self.bulk_edge
+        return {
+            "value": float(self.n_outliers),
+            "largest": float(top),
+            "mass": float(self.values.sum()),
+            "bulk_edge": float(self.bulk_edge),
+        }
 
 
 def outliers(

@@ -11,22 +11,42 @@ __all__ = ["augment", "training_batch"]
 
 
 def training_batch(
-    cfg: TrainConfig, data: tuple[Tensor, Tensor], step: int
+    cfg: TrainConfig,
+    data: tuple[Tensor, Tensor],
+    step: int,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[Tensor, Tensor]:
     """The (augmented) batch of update ``step``: the same for the same config.
 
     Batches come from a permutation per epoch and augmentation from a generator
     per step, both seeded by ``(cfg.seed, step)``, so resuming needs no saved
     data-order state.
+
+    Args:
+        cfg: the run's config.
+        data: the training set.
+        step: the update (0-based).
+        shard: ``(rank, world_size)``: this rank's contiguous share of the
+            global batch (whose size the world size divides); the default is
+            the whole batch. Augmentation draws for the whole global batch, so
+            the shards together are exactly the one-process batch.
     """
     X, y = data
+    rank, world = shard
     idx = _batch_indices(cfg, X.shape[0], step)
+    size = X.shape[0] if idx is None else idx.shape[0]
+    part = slice(rank * size // world, (rank + 1) * size // world)
+    if cfg.augment is None:  # gather this rank's rows only
+        if idx is None:
+            return X[part], y[part]
+        idx = idx[part]
     if idx is not None:
         idx = idx.to(X.device)
         X, y = X[idx], y[idx]
     if cfg.augment is not None:
         a = cfg.augment
         X = augment(X, a.crop_padding, a.flip, _step_generator(cfg.seed, step, 2))
+        X, y = X[part], y[part]
     return X, y
 
 

@@ -98,6 +98,8 @@ class TrainState:
             (``None``: a fresh start).
         status: ``"running"``, then ``"finished"`` or ``"diverged"`` in
             ``on_train_end``.
+        stop_reason: why a run finished before ``config.steps`` (the
+            ``stop`` rule met), or ``None``.
     """
 
     config: TrainConfig = field(repr=False)
@@ -117,6 +119,7 @@ class TrainState:
     hessian: HessianOperator | None = field(default=None, repr=False)
     resumed_from: int | None = None
     status: Literal["running", "finished", "diverged"] = "running"
+    stop_reason: str | None = None
 
 
 class Callback:

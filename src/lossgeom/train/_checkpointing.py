@@ -7,10 +7,12 @@ from pathlib import Path
 
 from lossgeom.train._callbacks import Callback, TrainState
 from lossgeom.train._config import TrainConfig
+from lossgeom.train._distributed import Ranks
 from lossgeom.train._probes import Sharpness
 from lossgeom.train._rundir import DamagedFileError, log_event
 from lossgeom.train._schedule import StepSize
 from lossgeom.train._state import (
+    Checkpoint,
     apply_checkpoint,
     checkpoints,
     read_checkpoint,
@@ -35,12 +37,16 @@ class Checkpointer(Callback):
     skipped with a warning naming them, a line in the run's ``events.log``, and
     listed in ``skipped`` (``(sidecar name, reason)``).
 
+    Under data parallelism only rank 0 writes checkpoints; on resume it chooses
+    the checkpoint (and tidies and logs) and every rank loads that one.
+
     Args:
         folder: the run's ``checkpoints/`` folder.
         cfg: the run's config (saved in every checkpoint).
         step_size: the step size rule, whose ``lambda_max`` is saved.
         sharpness: the sharpness probe, whose warm start is saved (``None``:
             no sharpness probe).
+        ranks: the run's ranks (default: one process).
     """
 
     def __init__(
@@ -49,13 +55,44 @@ class Checkpointer(Callback):
         cfg: TrainConfig,
         step_size: StepSize,
         sharpness: Sharpness | None,
+        ranks: Ranks | None = None,
     ):
         self.folder, self.cfg = folder, cfg
         self.step_size, self.sharpness = step_size, sharpness
+        self.ranks = ranks if ranks is not None else Ranks()
         self.skipped: list[tuple[str, str]] = []
 
     def restore(self, state: TrainState) -> None:
         """Load the newest checkpoint that verifies, if any, into the run."""
+        chosen: list[Checkpoint] = []  # rank 0's choice
+
+        def choose() -> tuple[int | None, list[tuple[str, str]]]:
+            ckpt = self._newest(state)
+            if ckpt is None:
+                return None, self.skipped
+            chosen.append(ckpt)
+            return ckpt.step, self.skipped
+
+        step, self.skipped = self.ranks.from_writer(choose)
+        if step is None:
+            return
+        if chosen:
+            ckpt = chosen[0]
+        else:  # another rank: the checkpoint rank 0 chose
+            sidecar = self.folder / f"step_{step:07d}.json"
+            try:
+                ckpt = read_checkpoint(sidecar, state.model)
+            except (OSError, DamagedFileError) as err:
+                err.add_note(
+                    f"rank {self.ranks.rank} loads the checkpoint rank 0 resumes "
+                    "from; the run directory must be on a file system every rank "
+                    "can read."
+                )
+                raise
+        self._apply(state, ckpt)
+
+    def _newest(self, state: TrainState) -> Checkpoint | None:
+        """The newest checkpoint that verifies (damaged ones skipped and logged)."""
         if self.folder.is_dir():  # temp files of saves cut short (the run is locked)
             for tmp in self.folder.glob(".step_*"):
                 tmp.unlink(missing_ok=True)
@@ -73,12 +110,13 @@ class Checkpointer(Callback):
                 f"skipped damaged checkpoints in {self.folder}: {names}; resuming "
                 f"from {where}"
             )
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, RuntimeWarning, stacklevel=6)  # in train()
             log_event(state.run_dir, message)
             for _, reason in self.skipped:
                 log_event(state.run_dir, f"  {reason}")
-        if ckpt is None:
-            return
+        return ckpt
+
+    def _apply(self, state: TrainState, ckpt: Checkpoint) -> None:
         meta, tensors = apply_checkpoint(ckpt, state.model, state.optimizer)
         extra = meta["extra"]
         state.step = state.resumed_from = int(meta["step"])
@@ -90,11 +128,15 @@ class Checkpointer(Callback):
             self.sharpness.last = extra.get("last_sharpness")
 
     def on_step(self, state: TrainState) -> None:
-        if state.step < self.cfg.steps and self._due(state.step):
+        if self.ranks.writer and state.step < self.cfg.steps and self._due(state.step):
             self._save(state)
 
     def on_train_end(self, state: TrainState) -> None:
-        if state.status == "finished" and state.step != state.resumed_from:
+        if (
+            self.ranks.writer
+            and state.status == "finished"
+            and state.step != state.resumed_from
+        ):
             self._save(state)
 
     def _due(self, step: int) -> bool:

@@ -31,6 +31,8 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "ShiftConfig",
+    "StopConfig",
+    "TrackingConfig",
     "TrainConfig",
     "load_config",
     "read_yaml",
@@ -368,6 +370,33 @@ class CheckpointConfig(_Strict):
     keep_last: PositiveInt | None = None
 
 
+class StopConfig(_Strict):
+    """Stopping before ``steps``.
+
+    Attributes:
+        train_loss: stop at the first metrics step whose ``train_loss`` (on the
+            ``metrics.eval_samples`` subset) is at most this value; the run ends
+            ``finished`` there, with the final checkpoint and the reason in
+            ``status.json``. Runs compared "at the same train loss" use it; its
+            resolution is ``metrics.every`` steps. ``None``: train all ``steps``.
+    """
+
+    train_loss: PositiveFloat | None = None
+
+
+class TrackingConfig(_Strict):
+    """Copies of every metrics row for experiment trackers.
+
+    Attributes:
+        tensorboard: write TensorBoard event files to ``<run_dir>/tensorboard``.
+        wandb: ``offline``: a Weights & Biases offline run in ``<run_dir>/wandb``
+            (never contacts a server); ``None``: off.
+    """
+
+    tensorboard: Bool = False
+    wandb: Literal["offline"] | None = None
+
+
 class TrainConfig(_Strict):
     """A whole training run; every default is visible here.
 
@@ -380,7 +409,8 @@ class TrainConfig(_Strict):
         loss: ``cross_entropy``, or ``mse``: ``0.5 * ||f(x) - onehot(y)||^2``
             summed over classes and averaged over samples (regression targets
             are used as given).
-        steps: optimizer steps.
+        steps: optimizer steps (at most; see ``stop``).
+        stop: stop earlier, at a train loss.
         batch_size: samples per step (``None`` or ``gd``: the whole training set).
         augment: image augmentation (``None``: off).
         bf16: forward and backward passes under bfloat16 autocast.
@@ -388,6 +418,8 @@ class TrainConfig(_Strict):
             backward pass instead of storing them.
         device: ``cpu``, ``cuda``, ... (``None``: CUDA when present).
         dtype: parameter dtype.
+        tracking: copies of the metrics rows for TensorBoard or W&B (``None``:
+            off).
     """
 
     name: str = "run"
@@ -398,6 +430,7 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     steps: PositiveInt = 1000
+    stop: StopConfig = Field(default_factory=StopConfig)
     batch_size: PositiveInt | None = 128
     augment: AugmentConfig | None = None
     bf16: Bool = False
@@ -406,9 +439,24 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     device: str | None = None
     dtype: Literal["float32", "float64"] = "float32"
+    tracking: TrackingConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        tracked = self.tracking is not None and (
+            self.tracking.tensorboard or self.tracking.wandb is not None
+        )
+        if tracked and self.metrics is None:
+            raise ValueError(
+                "tracking copies the metrics rows, but 'metrics' is null, so no row "
+                "is ever written; set 'metrics' (e.g. metrics: {every: 50}) or "
+                "remove 'tracking'"
+            )
+        if self.stop.train_loss is not None and self.metrics is None:
+            raise ValueError(
+                "stop.train_loss needs the metrics callbacks (they measure "
+                "train_loss); remove 'metrics: null' or the stop rule"
+            )
         if self.schedule.warmup_steps >= self.steps:
             raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be "

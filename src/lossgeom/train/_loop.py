@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,11 +28,17 @@ from lossgeom.train._build import (
 from lossgeom.train._callbacks import Callback, TrainState, check_callbacks
 from lossgeom.train._checkpointing import Checkpointer
 from lossgeom.train._config import TrainConfig, load_config
+from lossgeom.train._distributed import Ranks, check_global_batch, data_parallel
 from lossgeom.train._probes import GradientNorm, HessianTrace, LossAccuracy, Sharpness
 from lossgeom.train._rundir import RunLock, log_event, record_failure
 from lossgeom.train._schedule import StepSize
 from lossgeom.train._state import MetricsLog, read_status, write_status
 from lossgeom.train._trackers import Measures, UpdateDimension
+from lossgeom.train._tracking import (
+    TensorBoardTracker,
+    WandbTracker,
+    tracking_callbacks,
+)
 
 __all__ = ["TrainResult", "train"]
 
@@ -137,6 +144,15 @@ def train(
     run's leaves ``status.json`` at ``failed`` (with the error and the step) and
     the traceback in ``error.txt`` (where the directory can be written).
 
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), the run is data-parallel: a
+    process group is created where none exists (NCCL on CUDA, each rank on
+    ``cuda:LOCAL_RANK``; gloo otherwise); every rank takes its equal shard of
+    each step's global batch of ``batch_size`` and DistributedDataParallel
+    averages the gradients; the metrics are reduced over the ranks, so rows
+    and weights are those of one process (to float rounding). Only rank 0
+    writes the run directory and prints; every rank returns the result
+    (docs/training.md, "Data-parallel training").
+
     Args:
         config: a :class:`TrainConfig`, a dict, or a YAML file path.
         run_dir: the run directory (default ``runs/<config.name>``).
@@ -155,23 +171,38 @@ def train(
         TypeError: a callback without the hooks, before any work.
         RunLockedError: another process is writing to ``run_dir``.
         DamagedFileError: a file of the run directory is damaged (named).
+        ValueError: data-parallel, a global batch the ranks do not divide.
     """
     start_time = time.perf_counter()
     cfg = load_config(config)
     check_factory(cfg, allow_factory)
     user_callbacks = check_callbacks(callbacks)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
-    device = resolve_device(cfg)
-    with RunLock(run_dir):
-        prepare_run_dir(run_dir, cfg, resume)
-        stored = read_status(run_dir)
+    with data_parallel(cfg, resolve_device(cfg)) as ranks, ExitStack() as held:
+
+        def open_run_dir() -> dict | None:  # rank 0's, for every rank
+            held.enter_context(RunLock(run_dir))
+            prepare_run_dir(run_dir, cfg, resume)
+            return read_status(run_dir)
+
+        stored = ranks.from_writer(open_run_dir)
         step = stored["step"] if stored is not None else 0
         state = None
         try:
-            state = build_state(cfg, run_dir, device, allow_factory=True)
-            return _run(state, stored, resume, user_callbacks, progress, start_time)
+            state = build_state(cfg, run_dir, ranks.device, allow_factory=True)
+            check_global_batch(cfg, ranks.world_size, state.train_data[0].shape[0])
+            return _run(
+                state,
+                stored,
+                resume,
+                user_callbacks,
+                progress and ranks.writer,
+                start_time,
+                ranks,
+            )
         except BaseException as err:
-            record_failure(run_dir, err, state.step if state is not None else step)
+            if ranks.writer:
+                record_failure(run_dir, err, state.step if state is not None else step)
             raise
 
 
@@ -182,14 +213,23 @@ def _run(
     user_callbacks: list[Callback],
     progress: bool,
     start_time: float,
+    ranks: Ranks,
 ) -> TrainResult:
-    """Resume (where asked) and train a built run; its directory is locked."""
+    """Resume (where asked) and train a built run; its directory is locked.
+
+    Rank 0 alone writes; the other ranks read the rows once it has.
+    """
     cfg, run_dir = state.config, state.run_dir
     log = MetricsLog(run_dir / "metrics.jsonl")
     step_size = StepSize(cfg)
     sharpness = _sharpness_probe(cfg)  # its warm start goes into checkpoints
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg, step_size, sharpness)
-    builtins = [*_probe_callbacks(state, sharpness), checkpointer]
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", cfg, step_size, sharpness, ranks
+    )
+    probes = _probe_callbacks(state, sharpness)
+    if not ranks.writer:  # the trackers write files: rank 0's
+        probes = [p for p in probes if not isinstance(p, _TRACKERS)]
+    builtins = [*probes, checkpointer]
 
     torch.manual_seed(cfg.seed)
     if resume:
@@ -201,22 +241,31 @@ def _run(
         and not checkpointer.skipped
     ):
         return _result(state, stored["status"], stored["step"], log, start_time)
-    damaged = log.truncate(before_step=state.step)
-    if damaged:
-        log_event(
-            run_dir,
-            f"damaged lines {damaged} of metrics.jsonl moved to metrics.jsonl.damaged",
-        )
-    info = {}
-    if checkpointer.skipped:
-        info["skipped_checkpoints"] = [
-            {"file": name, "reason": why} for name, why in checkpointer.skipped
-        ]
-    write_status(run_dir, "running", state.step, **info)
+    if ranks.writer:
+        damaged = log.truncate(before_step=state.step)
+        if damaged:
+            log_event(
+                run_dir,
+                f"damaged lines {damaged} of metrics.jsonl moved to "
+                "metrics.jsonl.damaged",
+            )
+        info = {}
+        if checkpointer.skipped:
+            info["skipped_checkpoints"] = [
+                {"file": name, "reason": why} for name, why in checkpointer.skipped
+            ]
+        write_status(run_dir, "running", state.step, **info)
 
-    loop = _Loop(state, builtins, user_callbacks, step_size, log, progress)
-    loop.run()
+    loop = _Loop(state, builtins, user_callbacks, step_size, log, progress, ranks)
+    try:
+        loop.run()
+    finally:  # drop DDP now: kept alive by a traceback, it would outlive the
+        loop.net = state.model  # process group and block the next one's creation
+    ranks.barrier()  # rank 0 has written the last row
     return _result(state, state.status, state.step, log, start_time)
+
+
+_TRACKERS = (TensorBoardTracker, WandbTracker)
 
 
 def _sharpness_probe(cfg: TrainConfig) -> Sharpness | None:
@@ -225,9 +274,15 @@ def _sharpness_probe(cfg: TrainConfig) -> Sharpness | None:
 
 
 def _probe_callbacks(state: TrainState, sharpness: Sharpness | None) -> list[Callback]:
-    """The built-in measuring callbacks of ``state.config.metrics``, in their order."""
+    """The built-in measuring callbacks of ``state.config.metrics``, in their order.
+
+    The trackers of ``config.tracking`` (TensorBoard, W&B) come last; they copy
+    the rows as written to ``metrics.jsonl``, user columns included. Their
+    packages are checked here, before the first step.
+    """
     cfg = state.config
     m = cfg.metrics
+    trackers = tracking_callbacks(cfg)  # ConfigError: no metrics, or no package
     if m is None:
         return []
     found: list[Callback] = [LossAccuracy(state, m.eval_samples, cfg.seed)]
@@ -240,7 +295,7 @@ def _probe_callbacks(state: TrainState, sharpness: Sharpness | None) -> list[Cal
         found.append(Measures(m.measures, cfg.seed))
     if m.update_dimension is not None:
         found.append(UpdateDimension(m.update_dimension))
-    return found
+    return [*found, *trackers]
 
 
 def _result(
@@ -268,6 +323,8 @@ class _Loop:
         step_size: the step size of each update.
         log: the run's ``metrics.jsonl``.
         progress: print each metrics row.
+        ranks: the run's ranks: each update trains on this rank's shard of the
+            step's batch through DistributedDataParallel; only rank 0 writes.
     """
 
     def __init__(
@@ -278,10 +335,15 @@ class _Loop:
         step_size: StepSize,
         log: MetricsLog,
         progress: bool,
+        ranks: Ranks | None = None,
     ):
         self.state, self.builtins, self.users = state, builtins, users
         self.callbacks = builtins + users
         self.step_size, self.log, self.progress = step_size, log, progress
+        self.last_row: dict[str, object] = {}
+        self.ranks = ranks if ranks is not None else Ranks()
+        unused = bool(state.objective.unused_parameters)
+        self.net = self.ranks.wrap(state.model, find_unused_parameters=unused)
 
     def run(self) -> None:
         """Train to ``config.steps`` or divergence; ``state.status`` says which."""
@@ -290,19 +352,34 @@ class _Loop:
         for cb in self.callbacks:
             cb.on_train_start(state)
         while state.status == "running" and state.step < cfg.steps:
-            self._probe(
-                evaluate=self._metrics_step(), adapt=self.step_size.due(state.step)
-            )
+            evaluate = self._metrics_step()
+            self._probe(evaluate=evaluate, adapt=self.step_size.due(state.step))
+            if evaluate and state.status == "running" and self._target_reached():
+                break
             if state.status == "running":
                 self._update()
-        if state.status == "running":
-            self._probe(evaluate=cfg.metrics is not None, adapt=False)  # last row
+        else:
+            if state.status == "running":  # the last row
+                self._probe(evaluate=cfg.metrics is not None, adapt=False)
         if state.status == "running":
             state.status = "finished"
         for cb in self.callbacks:
             cb.on_train_end(state)
-        if state.status == "finished":
-            write_status(state.run_dir, "finished", state.step)
+        if state.status == "finished" and self.ranks.writer:
+            info = {} if state.stop_reason is None else {"stopped": state.stop_reason}
+            write_status(state.run_dir, "finished", state.step, **info)
+
+    def _target_reached(self) -> bool:
+        """Whether this step's row reached ``stop.train_loss`` (then noted)."""
+        state = self.state
+        target = state.config.stop.train_loss
+        loss = self.last_row.get("train_loss")
+        if target is None or loss is None or not loss <= target:
+            return False
+        state.stop_reason = (
+            f"train_loss {loss:.6g} <= stop.train_loss {target:g} at step {state.step}"
+        )
+        return True
 
     def _metrics_step(self) -> bool:
         metrics = self.state.config.metrics
@@ -343,7 +420,9 @@ class _Loop:
                 _check_columns(cb, before, row)
         finally:
             state.row = state.hessian = None
-        self.log.append(row)
+        if self.ranks.writer:
+            self.log.append(row)
+        self.last_row = row
         if self.progress:
             _print_row(row)
 
@@ -353,15 +432,18 @@ class _Loop:
         step, lr = state.step, self.step_size.lr(state.step)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        xb, yb = training_batch(cfg, state.train_data, step)
+        shard = (self.ranks.rank, self.ranks.world_size)
+        xb, yb = training_batch(cfg, state.train_data, step, shard)
         state.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = state.loss_fn(state.model(xb), yb)
-        state.lr, state.batch_loss = lr, float(loss.detach())
+            loss = state.loss_fn(self.net(xb), yb)
+        # the global batch's loss on every rank (a mean of equal shards' means)
+        state.lr, state.batch_loss = lr, self.ranks.mean(loss.detach())
         if not math.isfinite(state.batch_loss):
-            self.log.append(
-                {"step": step, "batch_loss": state.batch_loss, "diverged": True}
-            )
+            if self.ranks.writer:
+                self.log.append(
+                    {"step": step, "batch_loss": state.batch_loss, "diverged": True}
+                )
             self._diverge(
                 f"the training loss was {state.batch_loss} at step {step} (lr {lr:g})"
             )
@@ -374,7 +456,8 @@ class _Loop:
 
     def _diverge(self, reason: str) -> None:
         self.state.status = "diverged"
-        write_status(self.state.run_dir, "diverged", self.state.step, reason=reason)
+        if self.ranks.writer:
+            write_status(self.state.run_dir, "diverged", self.state.step, reason=reason)
 
 
 def _print_row(row: dict[str, object]) -> None:

@@ -7,6 +7,7 @@ row in ``on_eval``; the curvature probes share the step's Hessian operator
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -14,10 +15,11 @@ from torch import Tensor, nn
 
 from lossgeom.curvature.spectra import eigenvalues, trace
 from lossgeom.linalg import SymmetricOperator
-from lossgeom.objective import Objective, resolve_reduction
+from lossgeom.objective import LossReduction, Objective, resolve_reduction
 from lossgeom.train._build import subset
 from lossgeom.train._callbacks import Callback, TrainState
 from lossgeom.train._config import MetricsConfig, OptimConfig
+from lossgeom.train._distributed import Ranks
 
 __all__ = [
     "GradientNorm",
@@ -110,6 +112,10 @@ def top_eigenpair(
 class LossAccuracy(Callback):
     """``train_loss``, ``test_loss`` (and ``_accuracy``) on fixed seeded subsets.
 
+    Under data parallelism (a process group of several ranks) each rank
+    evaluates its contiguous shard of each subset and the sums are reduced over
+    the ranks, so every rank gets the one-process numbers.
+
     Args:
         state: the run (its data, and whether the targets are classes).
         eval_samples: the subsets' size (``None``: the whole splits).
@@ -117,35 +123,71 @@ class LossAccuracy(Callback):
     """
 
     def __init__(self, state: TrainState, eval_samples: int | None, seed: int):
-        self.sets = {"train": subset(state.train_data, eval_samples, seed)}
+        sets = {"train": subset(state.train_data, eval_samples, seed)}
         if state.test_data is not None:
-            self.sets["test"] = subset(state.test_data, eval_samples, seed + 1)
+            sets["test"] = subset(state.test_data, eval_samples, seed + 1)
+        self.ranks = Ranks.current(state.device)
+        self.sets: dict[str, tuple[Tensor, Tensor]] = {}  # this rank's shards
+        self.sizes: dict[str, int] = {}  # the whole subsets' sizes
+        for name, (X, y) in sets.items():
+            part = self.ranks.shard(X.shape[0])
+            self.sets[name], self.sizes[name] = (X[part], y[part]), X.shape[0]
         self.classification = state.classification
 
     def on_eval(self, state: TrainState) -> None:
         for name, (X, y) in self.sets.items():
-            for key, value in self._evaluate(state.model, state.loss_fn, X, y).items():
+            values = self._evaluate(state.model, state.loss_fn, X, y, self.sizes[name])
+            for key, value in values.items():
                 state.row[f"{name}_{key}"] = value
 
     @torch.no_grad()
-    def _evaluate(self, model: nn.Module, loss_fn, X: Tensor, y: Tensor) -> dict:
+    def _evaluate(
+        self, model: nn.Module, loss_fn, X: Tensor, y: Tensor, n: int
+    ) -> dict:
         was = model.training
         model.eval()
         try:
-            chunks, correct, n = [], 0, X.shape[0]
-            for i in range(0, n, 1024):
+            chunks, correct = [], 0
+            for i in range(0, X.shape[0], 1024):
                 out = model(X[i : i + 1024])
                 chunks.append((out, y[i : i + 1024]))
                 if self.classification:
                     correct += int((out.argmax(1) == y[i : i + 1024]).sum())
             # the loss's own reduction over all chunks at once (docs/objective.md)
-            loss = resolve_reduction(loss_fn).value_over(chunks)
+            reduction = resolve_reduction(loss_fn)
+            loss = reduction.value_over(chunks)
         finally:
             model.train(was)
+        if self.ranks.parallel:
+            loss, correct = _over_ranks(self.ranks, reduction, chunks, loss, correct)
         res = {"loss": loss}
         if self.classification:
             res["accuracy"] = correct / n
         return res
+
+
+def _over_ranks(
+    ranks: Ranks, reduction: LossReduction, chunks: list, loss: float, correct: int
+) -> tuple[float, int]:
+    """The loss and correct count over every rank's shard, from this rank's.
+
+    A shard's loss is its sum of terms over its normalizer ``Z`` (the loss's
+    own reduction, :meth:`~lossgeom.objective.LossReduction.value_over`), so
+    the loss over all shards is ``sum(loss_r * Z_r) / sum(Z_r)`` (a plain sum
+    for ``reduction="sum"``).
+    """
+    summed = reduction.kind == "sum" or reduction.reduction == "sum"
+    z = 1.0
+    if not summed:
+        z = sum(
+            float(reduction.batch_normalizer(y, tuple(out.shape[1:]))[0])
+            for out, y in chunks
+        )
+    total = loss * z if z > 0 else 0.0
+    total, z, correct = ranks.sum([total, z, float(correct)])
+    if summed:
+        return total, int(correct)
+    return (total / z if z > 0 else math.nan), int(correct)
 
 
 class GradientNorm(Callback):

@@ -1,0 +1,49 @@
+"""Layer 4: statistics on studies, each answer a result with its verdict.
+
+Tests and estimates come from ``scipy.stats`` and ``statsmodels``; every function
+returns a result on the common base (:class:`lossgeom.Result`) that states its
+claim, test, sample size, effect with its confidence interval, p-value, verdict
+and caveats.
+"""
+
+from lossgeom.analysis._base import (
+    BootstrapCI,
+    GranulatedKendall,
+    Score,
+    TestResult,
+    decide_verdict,
+)
+from lossgeom.analysis._hypotheses import (
+    HYPOTHESES,
+    HypothesisResult,
+    analyze,
+    h1,
+    h2,
+)
+from lossgeom.analysis._predict import auroc, cv_r2
+from lossgeom.analysis._rank import granulated_kendall, kendall
+from lossgeom.analysis._regression import regression
+from lossgeom.analysis._stats import bootstrap_ci, holm, paired_test
+
+__all__ = [
+    # hypotheses
+    "HYPOTHESES",
+    "HypothesisResult",
+    "analyze",
+    "h1",
+    "h2",
+    # statistics
+    "BootstrapCI",
+    "GranulatedKendall",
+    "Score",
+    "TestResult",
+    "auroc",
+    "bootstrap_ci",
+    "cv_r2",
+    "decide_verdict",
+    "granulated_kendall",
+    "holm",
+    "kendall",
+    "paired_test",
+    "regression",
+]
