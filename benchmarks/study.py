@@ -16,6 +16,10 @@ Three measurements, each a ratio to its baseline measured in the same run:
    least 20,000 metric rows per second.
 3. Parallelism: 8 short runs with ``--jobs 2`` against ``--jobs 1`` (each run
    with ``cores // jobs`` torch threads). Target: at most 0.65x the time.
+   Measured at ``--steps`` and at ``--long-steps``: a study pays a fixed
+   start-up (the fork server imports torch, ``torch._dynamo`` and scikit-learn
+   once, about 3-4 s on a 2-core CPU) that dominates runs of a fraction of a
+   second.
 
 Results go to ``benchmarks/results/study_cpu.json`` with the machine facts.
 
@@ -144,6 +148,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--long-steps", type=int, default=1000)
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "study_cpu.json")
     )
@@ -152,6 +157,7 @@ def main() -> None:
         "overhead": overhead(args.runs, args.steps),
         "ingestion": ingestion(args.rows),
         "parallel": parallel(args.steps),
+        "parallel_long": parallel(args.long_steps),
     }
     results["machine"] = machine_facts("cpu")
     for name, r in results.items():

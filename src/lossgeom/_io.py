@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -11,10 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
+    "LockHeldError",
     "atomic_path",
     "atomic_write_json",
     "atomic_write_text",
     "record_sha256",
+    "is_locked",
+    "lock_file",
     "sha256",
 ]
 
@@ -73,3 +77,51 @@ def record_sha256(record: dict) -> str:
     """
     check = {k: v for k, v in record.items() if k != "sha256"}
     return sha256(json.dumps(check, sort_keys=True, allow_nan=False).encode())
+
+
+class LockHeldError(BlockingIOError):
+    """Another process holds the lock; ``holder`` is its pid as it wrote it."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is locked by pid {holder}")
+        self.holder = holder
+
+
+def lock_file(path: str | os.PathLike) -> int:
+    """Take an exclusive OS lock (``fcntl.flock``) on ``path``, created if needed.
+
+    The lock holds until the returned descriptor is closed, and the kernel
+    releases it when the process ends however it ends: a killed process leaves
+    no stale lock. The file gets this process's pid.
+
+    Raises:
+        LockHeldError: another process holds it (with that process's pid).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise LockHeldError(Path(path), holder) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def is_locked(path: str | os.PathLike) -> bool:
+    """Whether a live process holds the lock of :func:`lock_file` on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's own lock
+    return False

@@ -297,6 +297,10 @@ def h2(path: str | os.PathLike, *, alpha: float = 0.05) -> HypothesisResult:
     )
     a, b = [p[0] for p in pairs], [p[1] for p in pairs]
     tests, data = [], {}
+    caveats = [
+        "one architecture family and data set; the effect of skips may depend on "
+        "depth, normalization and the learning rate",
+    ]
     measures = {
         "outliers": "the number of spectral outliers",
         "outliers_largest": "the largest Hessian eigenvalue (outlier size)",
@@ -328,6 +332,14 @@ def h2(path: str | os.PathLike, *, alpha: float = 0.05) -> HypothesisResult:
             )
         )
         data["interpolate"] = {"with": x.tolist(), "without": y.tolist()}
+        seeds = len(set(final.loc[a, "seed"]))
+        if len(x) > seeds // 2:
+            caveats.append(
+                f"the {len(x)} barriers come from pairs of {seeds} seeds that share "
+                "seeds, so they are not independent: the barrier test's p-value "
+                "and interval are optimistic (disjoint pairs of seeds would be "
+                "independent)"
+            )
     _need(
         bool(tests),
         "H2 found none of its measures (probes outliers, slice_1d; pairwise "
@@ -342,10 +354,7 @@ def h2(path: str | os.PathLike, *, alpha: float = 0.05) -> HypothesisResult:
         tests=tests,
         verdict=_overall(tests),
         held_fixed=["seed", "every swept setting but model.options.skip"],
-        caveats=[
-            "one architecture family and data set; the effect of skips may depend on depth, "
-            "normalization and the learning rate",
-        ],
+        caveats=caveats,
         data=data,
         parameters={"alpha": alpha},
     )

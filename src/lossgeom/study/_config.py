@@ -15,14 +15,12 @@ import json
 import os
 import types
 import typing
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lossgeom.train import ConfigError, TrainConfig, load_config
-from lossgeom.train._config import read_yaml
+from lossgeom.train._config import format_errors, read_source
 
 __all__ = [
     "ExecutorConfig",
@@ -422,17 +420,6 @@ def _resolve(cfg: StudyConfig, overrides: dict[str, Any], seed: int) -> TrainCon
     return load_config(config)
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid study file ({source}):"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        got = e.get("input")
-        shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-        lines.append(f"  {path}: {msg}{shown}" if path else f"  {msg}")
-    return "\n".join(lines)
-
-
 def load_study(source: StudyConfig | dict | str | os.PathLike) -> Study:
     """Validate a study file and expand it into its runs, before any work.
 
@@ -458,30 +445,25 @@ def load_study(source: StudyConfig | dict | str | os.PathLike) -> Study:
         Traceback (most recent call last):
         ...
         lossgeom.study._config.StudyError: invalid study file (dict):
-          grid.optim.lrr: unknown config path 'optim.lrr': optim has no field ...
+          (top level): grid.optim.lrr: unknown config path 'optim.lrr': ...
     """
-    where = "dict"
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"study file {str(path)!r} does not exist.")
-        where = str(path)
-        try:
-            source = read_yaml(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise StudyError(f"{where} is not valid YAML: {err}") from None
+    source, where = read_source(
+        source, "study file", "name, base, grid, seeds, probes", StudyError
+    )
     if isinstance(source, StudyConfig):
         cfg = source
     else:
         if not isinstance(source, dict):
             raise StudyError(
-                "a study file is a mapping (name, base, grid, zip, seeds, probes, "
-                f"...); {where} holds a {type(source).__name__}."
+                "a study file is a mapping of fields (name, base, grid, seeds, "
+                f"probes, ...); got a {type(source).__name__}."
             )
         try:
             cfg = StudyConfig.model_validate(source)
         except ValidationError as err:
-            raise StudyError(_format(err, where)) from None
+            raise StudyError(
+                format_errors(err, f"invalid study file ({where})")
+            ) from None
     runs = []
     for overrides in _settings(cfg):
         setting_id = None

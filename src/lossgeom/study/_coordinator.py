@@ -10,7 +10,6 @@ a run still held by a live worker of the earlier coordinator is waited for.
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import json
 import os
@@ -21,7 +20,13 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from lossgeom._io import atomic_write_json, atomic_write_text
+from lossgeom._io import (
+    LockHeldError,
+    atomic_write_json,
+    atomic_write_text,
+    is_locked,
+    lock_file,
+)
 from lossgeom.study._config import Study, StudyError, content_hash, load_study
 from lossgeom.study._local import LocalExecutor, default_jobs
 from lossgeom.study._store import Store
@@ -57,19 +62,14 @@ class _StudyLock:
                 str(self.root),
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / STUDY_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
+            fd = lock_file(self.root / STUDY_LOCK)
+        except LockHeldError as held:
             raise StudyLockedError(
                 f"the study in {self.root} is being run by another coordinator (pid "
-                f"{holder}); wait for it to end or stop it. `lossgeom study status "
-                f"{self.root}` shows its progress."
+                f"{held.holder}); wait for it to end or stop it. `lossgeom study "
+                f"status {self.root}` shows its progress."
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return self
 
@@ -81,17 +81,7 @@ class _StudyLock:
 
 def _locked(run_dir: Path) -> bool:
     """Whether a live process holds the run directory's ``run.lock``."""
-    path = run_dir / "run.lock"
-    if not path.is_file():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # releases the probe lock
-    return False
+    return is_locked(run_dir / "run.lock")
 
 
 def _read(path: Path) -> Any:
@@ -230,7 +220,8 @@ class _Coordinator:
         self.specs = {r.run_id: r for r in study.runs}
         store.register(study.runs, self.dirs)
         self.waiting: set[str] = set()  # held by a live worker of another process
-        self.pending_pairs: set[str] = set()
+        self.tried_pairs: set[str] = set()  # pairs started by this call
+        self.changed = True  # a run ended since the pairs were last looked at
         self.bar = tqdm(
             total=len(study.runs),
             desc=study.config.name,
@@ -247,7 +238,9 @@ class _Coordinator:
             for done in self.ex.poll():
                 self._finished(done)
             self._check_waiting()
-            self._pairs()
+            if self.changed:
+                self.changed = False
+                self._pairs()
             self._show()
             if self.ex.active() or self.waiting:
                 time.sleep(poll_seconds)
@@ -304,7 +297,6 @@ class _Coordinator:
         task = done.task
         if task.kind == "pair":
             self._ingest_pair(task.key, None if done.ok else done.message)
-            self.pending_pairs.discard(task.key)
             return
         status = _read(Path(task.directory) / "status.json")
         state = (status or {}).get("status")
@@ -326,6 +318,7 @@ class _Coordinator:
                 self._submit([run_id])
 
     def _ingest(self, run_id: str, error: str | None = None) -> None:
+        self.changed = True
         d = self.root / self.dirs[run_id]
         self.store.ingest_run(
             run_id,
@@ -338,81 +331,76 @@ class _Coordinator:
 
     # ------------------------------------------------------------ pairs
     def _pairs(self) -> None:
-        """Start the pairwise probes of settings whose runs all ended."""
-        probes = self.study.config.pairs.probes
+        """Start the pairwise probes of settings whose runs all ended.
+
+        A pair is tried at most once per call: a failed one waits for the next
+        call with ``retry_failed``.
+        """
+        probes = [p.model_dump(mode="json") for p in self.study.config.pairs.probes]
         if not probes:
             return
         index = self.store.statuses()
-        known = self.store.pair_statuses()
-        new, start = [], []
+        couples = []
         for setting_id, runs in self.study.settings().items():
-            states = [index[r.run_id]["status"] for r in runs]
-            if any(s in ("pending", "running") for s in states) or any(
-                r.run_id in self.waiting for r in runs
+            if any(
+                index[r.run_id]["status"] in ("pending", "running")
+                or r.run_id in self.waiting
+                for r in runs
             ):
                 continue
             done = [r for r in runs if index[r.run_id]["status"] == "finished"]
             if self.study.config.pairs.between == "all":
-                couples = list(itertools.combinations(done, 2))
+                couples += [(setting_id, *c) for c in itertools.combinations(done, 2)]
             else:
-                couples = list(itertools.pairwise(done))
-            for a, b in couples:
-                pair_id = content_hash(
+                couples += [(setting_id, *c) for c in itertools.pairwise(done)]
+        rows = []
+        for setting_id, a, b in couples:
+            pair_id = content_hash({"a": a.run_id, "b": b.run_id, "probes": probes})
+            rows.append(
+                {
+                    "pair_id": pair_id,
+                    "setting_id": setting_id,
+                    "run_a": a.run_id,
+                    "run_b": b.run_id,
+                    "seed_a": a.seed,
+                    "seed_b": b.seed,
+                    "pair_dir": f"pairs/{pair_id}",
+                }
+            )
+        self.store.register_pairs(rows)
+        known = self.store.pair_statuses()
+        start = []
+        for row in rows:
+            pair_id = row["pair_id"]
+            state = known[pair_id]["status"]
+            if pair_id in self.tried_pairs or state == "finished":
+                continue
+            if state == "failed" and not self.retry:
+                continue
+            d = self.root / row["pair_dir"]
+            if (_read(d / "status.json") or {}).get("status") == "finished":
+                self._ingest_pair(pair_id, None)
+                continue
+            self.tried_pairs.add(pair_id)
+            start.append(
+                Task(
+                    "pair",
+                    pair_id,
+                    str(d),
                     {
-                        "a": a.run_id,
-                        "b": b.run_id,
-                        "probes": [p.model_dump(mode="json") for p in probes],
-                    }
+                        "runs": [
+                            str(self.root / self.dirs[row["run_a"]]),
+                            str(self.root / self.dirs[row["run_b"]]),
+                        ],
+                        "config": self.specs[row["run_a"]].config,
+                        "config_b": self.specs[row["run_b"]].config,
+                        "probes": probes,
+                        "allow_factory": self.allow,
+                    },
+                    self.threads,
                 )
-                if pair_id in self.pending_pairs:
-                    continue
-                row = known.get(pair_id)
-                pair_dir = f"pairs/{pair_id}"
-                if row is None:
-                    new.append(
-                        {
-                            "pair_id": pair_id,
-                            "setting_id": setting_id,
-                            "run_a": a.run_id,
-                            "run_b": b.run_id,
-                            "seed_a": a.seed,
-                            "seed_b": b.seed,
-                            "pair_dir": pair_dir,
-                        }
-                    )
-                elif row["status"] == "finished" or (
-                    row["status"] == "failed" and not self.retry
-                ):
-                    continue
-                d = self.root / pair_dir
-                state = (_read(d / "status.json") or {}).get("status")
-                if state == "finished":
-                    if row is None:
-                        self.store.register_pairs(new[-1:])
-                    self._ingest_pair(pair_id, None)
-                    continue
-                start.append(
-                    Task(
-                        "pair",
-                        pair_id,
-                        str(d),
-                        {
-                            "runs": [
-                                str(self.root / self.dirs[a.run_id]),
-                                str(self.root / self.dirs[b.run_id]),
-                            ],
-                            "config": a.config,
-                            "config_b": b.config,
-                            "probes": [p.model_dump(mode="json") for p in probes],
-                            "allow_factory": self.allow,
-                        },
-                        self.threads,
-                    )
-                )
-        if new:
-            self.store.register_pairs(new)
+            )
         if start:
-            self.pending_pairs.update(t.key for t in start)
             self.ex.submit(start)
 
     def _ingest_pair(self, pair_id: str, error: str | None) -> None:

@@ -34,7 +34,9 @@ __all__ = [
     "StopConfig",
     "TrackingConfig",
     "TrainConfig",
+    "format_errors",
     "load_config",
+    "read_source",
     "read_yaml",
 ]
 
@@ -477,15 +479,49 @@ class TrainConfig(_Strict):
         return self.optim.name == "gd" or self.batch_size is None
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid training config ({source}):"]
+def format_errors(err: ValidationError, title: str) -> str:
+    """A pydantic error as lines ``path: reason (got value)`` under ``title``."""
+    lines = [f"{title}:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
         lines.append(f"  {path}: {msg}{shown}")
     return "\n".join(lines)
+
+
+def read_source(
+    source: Any, what: str, fields: str, error: type[ValueError]
+) -> tuple[Any, str]:
+    """``(plain data, where it came from)`` of a dict or a YAML file's path.
+
+    Args:
+        source: a dict, or the path of a YAML file (read safely, duplicate keys
+            refused); anything else is returned as it is.
+        what: what the file is, for messages (``training config``).
+        fields: its main fields, for the message about a non-mapping.
+        error: the error class for invalid YAML or a non-mapping.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+    """
+    where = "dict"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
+        where = str(path)
+        try:
+            source = read_yaml(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise error(f"{where} is not valid YAML: {err}") from None
+        if not isinstance(source, dict):
+            raise error(
+                f"a {what} is a mapping of fields ({fields}, ...); {where} holds a "
+                f"{type(source).__name__}."
+            )
+    return source, where
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -576,20 +612,13 @@ def load_config(source: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
     """
     if isinstance(source, TrainConfig):
         return source
-    where = "dict"
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config {str(path)!r} does not exist.")
-        where = str(path)
-        try:
-            source = read_yaml(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{where} is not valid YAML: {err}") from None
+    source, where = read_source(
+        source, "training config", "model, data, optim", ConfigError
+    )
     if not isinstance(source, dict):
         raise ConfigError(
             f"a training config is a mapping of fields (model, data, optim, ...); "
-            f"{where} holds a {type(source).__name__}."
+            f"got a {type(source).__name__}."
         )
     bad = _non_finite(source, "")
     if bad:
@@ -597,4 +626,6 @@ def load_config(source: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
     try:
         return TrainConfig.model_validate(source)
     except ValidationError as err:
-        raise ConfigError(_format(err, where)) from None
+        raise ConfigError(
+            format_errors(err, f"invalid training config ({where})")
+        ) from None

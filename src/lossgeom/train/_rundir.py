@@ -9,7 +9,6 @@ stale lock behind. A second writer is refused at once, naming the holder's pid.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import time
@@ -17,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from lossgeom._io import atomic_write_json, atomic_write_text
+from lossgeom._io import LockHeldError, atomic_write_json, atomic_write_text, lock_file
 from lossgeom._results import jsonable
 
 __all__ = [
@@ -90,22 +89,14 @@ class RunLock:
                 str(self.run_dir),
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
+            fd = lock_file(self.run_dir / LOCK)
+        except LockHeldError as held:
             raise RunLockedError(
                 f"{self.run_dir} is in use by another lossgeom process (pid "
-                f"{holder}); wait for it to end or stop it, or choose another run "
-                "directory."
+                f"{held.holder}); wait for it to end or stop it, or choose another "
+                "run directory."
             ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
 
