@@ -516,3 +516,33 @@ def test_bad_input_gets_a_clear_message():
         auroc([0.1, 0.2], ["a", "b"])
     with pytest.raises(ValueError, match="at least 2 values"):
         bootstrap_ci([1.0])
+
+
+def test_compare_cv_r2_finds_a_better_model_and_holds_its_level_without_one():
+    found, false = 0, 0
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        x1, x2 = rng.normal(size=(2, 60))
+        y = 2 * x1 + rng.normal(size=60)  # population R^2 0.8 against 0
+        r = lg.analysis.compare_cv_r2(
+            x1, x2, y, claim="x1 beats x2", repeats=5, seed=seed
+        )
+        found += r.verdict == "supported"
+        null = lg.analysis.compare_cv_r2(
+            x2,
+            rng.normal(size=60),
+            rng.normal(size=60),
+            claim="none",
+            repeats=5,
+            seed=seed,
+        )
+        false += null.verdict != "inconclusive"
+    assert found >= 95
+    assert false <= 8  # the corrected test is, if anything, conservative
+
+
+def test_compare_cv_r2_refuses_too_few_rows():
+    with pytest.raises(ValueError, match="too few"):
+        lg.analysis.compare_cv_r2(
+            np.arange(6.0), np.arange(6.0) ** 2, np.arange(6.0), claim="c"
+        )

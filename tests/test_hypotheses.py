@@ -128,3 +128,53 @@ def test_h2_pairs_architectures_by_seed_and_corrects_for_several_measures(tmp_pa
     assert all(
         t.p_adjusted is not None and t.p_adjusted >= t.p_value for t in result.tests
     )
+
+
+def test_h5_compares_early_probes_with_the_trace_and_the_loss(tmp_path):
+    spec = {
+        "name": "h5",
+        "base": {
+            **MLP,
+            "steps": 40,
+            "batch_size": 32,
+            "metrics": {
+                "every": 2,
+                "sharpness": True,
+                "sharpness_max_matvecs": 10,
+                "trace_max_matvecs": 6,
+                "eval_samples": 128,
+                "probe_samples": 64,
+            },
+        },
+        "grid": {"optim.lr": [0.05, 0.2, 1.0, 4.0]},
+        "seeds": [0, 1, 2],
+    }
+    out = tmp_path / "study"
+    lg.study.run(spec, out, progress=False)
+    result = lg.analysis.analyze(out, "h5")
+    assert len(result.tests) == 4
+    assert result.data["features"] == ["eos_ratio", "trace_per_param"]
+    assert {t.claim.split(" better than ")[1] for t in result.tests} == {
+        "the trace per parameter alone",
+        "the early train loss alone",
+    }
+    assert all(t.p_adjusted is not None for t in result.tests)
+    lg.testing.assert_results_equal(lg.load_result(out / "analysis" / "h5"), result)
+    with pytest.raises(ValueError, match="H5 needs trace"):
+        spec["base"]["metrics"]["trace_max_matvecs"] = 0
+        lg.study.run(spec, tmp_path / "no_trace", progress=False)
+        lg.analysis.h5(tmp_path / "no_trace")
+
+
+def test_a_stored_analysis_loads_in_a_fresh_process(h1_study):
+    import subprocess
+    import sys
+
+    lg.analysis.analyze(h1_study, "h1")
+    code = (
+        "import lossgeom as lg; "
+        f"r = lg.load_result({str(h1_study / 'analysis' / 'h1')!r}); "
+        "print(type(r).__name__, type(r.tests[0]).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["HypothesisResult", "TestResult"], out.stderr

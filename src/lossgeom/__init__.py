@@ -1,5 +1,6 @@
 """lossgeom: the geometry of neural-network loss landscapes, measured and certified."""
 
+from lossgeom import _results
 from lossgeom import geometry as geometry  # subpackage: lg.geometry
 from lossgeom import measures as measures  # subpackage: lg.measures
 from lossgeom import testing as testing  # subpackage: lg.testing
@@ -176,6 +177,9 @@ __all__ = [
     "load_config",
     "train",
 ]
+
+
+_results.LAZY_MODULES[:] = ["lossgeom.study", "lossgeom.analysis"]
 
 
 def __getattr__(name: str):

@@ -34,6 +34,7 @@ the caller knowing its class.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -66,6 +67,10 @@ ARRAYS = "arrays-{}.safetensors"  # one file per generation
 META = "result.json"
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _REGISTRY: dict[str, type] = {}
+# Packages imported on first use (``lg.study``, ``lg.analysis``) define result
+# types too; the top-level package names them here so that loading a result
+# imports them when needed.
+LAZY_MODULES: list[str] = []
 
 
 # --------------------------------------------------------------------- JSON rule
@@ -397,6 +402,10 @@ def _decode(value: Any, arrays: dict[str, Tensor]) -> Any:
             return {k: _decode(v, arrays) for k, v in body.items()}
     if set(value) == {"__type__", "fields"}:
         cls = _REGISTRY.get(value["__type__"])
+        if cls is None:
+            for module in LAZY_MODULES:
+                importlib.import_module(module)
+            cls = _REGISTRY.get(value["__type__"])
         if cls is None:
             raise ValueError(
                 f"a saved result holds a {value['__type__']!r}, which this version "

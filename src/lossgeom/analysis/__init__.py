@@ -19,8 +19,9 @@ from lossgeom.analysis._hypotheses import (
     analyze,
     h1,
     h2,
+    h5,
 )
-from lossgeom.analysis._predict import auroc, cv_r2
+from lossgeom.analysis._predict import auroc, compare_cv_r2, cv_r2
 from lossgeom.analysis._rank import granulated_kendall, kendall
 from lossgeom.analysis._regression import regression
 from lossgeom.analysis._stats import bootstrap_ci, holm, paired_test
@@ -32,6 +33,7 @@ __all__ = [
     "analyze",
     "h1",
     "h2",
+    "h5",
     # statistics
     "BootstrapCI",
     "GranulatedKendall",
@@ -39,6 +41,7 @@ __all__ = [
     "TestResult",
     "auroc",
     "bootstrap_ci",
+    "compare_cv_r2",
     "cv_r2",
     "decide_verdict",
     "granulated_kendall",

@@ -25,7 +25,7 @@ from lossgeom.analysis._base import TestResult
 from lossgeom.analysis._regression import regression
 from lossgeom.analysis._stats import holm, paired_test
 
-__all__ = ["HYPOTHESES", "HypothesisResult", "analyze", "h1", "h2"]
+__all__ = ["HYPOTHESES", "HypothesisResult", "analyze", "h1", "h2", "h5"]
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -378,7 +378,167 @@ def _barriers(pairs: pd.DataFrame, overrides: dict):
     return np.array([m[0] for m in matched]), np.array([m[1] for m in matched])
 
 
-HYPOTHESES = {"h1": h1, "h2": h2}
+H5_FILE = "examples/studies/h5.yaml"
+
+
+def _n_params(config: dict, cache: dict) -> int:
+    """Trainable parameters of the model a run config trains."""
+    from lossgeom.train import build_model
+
+    key = json.dumps([config["model"], config["data"]], sort_keys=True)
+    if key not in cache:
+        model = build_model(config, device="cpu")
+        cache[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return cache[key]
+
+
+def _early_features(
+    frame: pd.DataFrame, configs: dict, early_fraction: float
+) -> pd.DataFrame:
+    """One row per run: its early probes, early loss, final loss and test error."""
+    cache: dict = {}
+    rows = []
+    for run_id, group in frame.groupby("run_id"):
+        steps = configs[run_id]["steps"]
+        early = group[
+            (group["step"] <= early_fraction * steps)
+            & group["eos_ratio"].notna()
+            & group["trace"].notna()
+        ]
+        if early.empty:
+            continue
+        first = early.sort_values("step").iloc[-1]
+        last = group.sort_values("step")
+        row = {
+            "run_id": run_id,
+            "eos_ratio": float(first["eos_ratio"]),
+            "trace_per_param": float(first["trace"])
+            / _n_params(configs[run_id], cache),
+            "early_loss": float(first["train_loss"]),
+            "diverged": bool(group["status"].iloc[0] == "diverged"),
+            "final_loss": float(last["train_loss"].dropna().iloc[-1])
+            if last["train_loss"].notna().any()
+            else math.nan,
+            "test_error": float(last["test_error"].dropna().iloc[-1])
+            if "test_error" in last and last["test_error"].notna().any()
+            else math.nan,
+        }
+        if "slice_1d_slice_variance" in early:
+            row["slice_variance"] = float(
+                first.get("slice_1d_slice_variance", math.nan)
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def h5(
+    path: str | os.PathLike, *, alpha: float = 0.05, early_fraction: float = 0.05
+) -> HypothesisResult:
+    """H5: early landscape probes predict optimization difficulty beyond the trace.
+
+    Features of each run at its last metrics row within the first
+    ``early_fraction`` of its steps: ``lambda_max`` relative to the stability
+    threshold (``eos_ratio`` = sharpness / (2 / lr)), the Hessian trace per
+    parameter (``trace / D``), and the slice variance where the study probes
+    it early (``slice_1d`` at such a step). Targets: the final train loss
+    (log10) and the test error of the finished runs; and divergence.
+
+    Four comparisons of out-of-fold R^2 (least squares on the features'
+    logarithms, which span orders of magnitude; repeated 5-fold,
+    :func:`~lossgeom.analysis.compare_cv_r2`), Holm-adjusted together: the
+    probe features against the trace alone and against the early train loss
+    alone, for each target. Divergence: the AUROC of ``eos_ratio`` and of the
+    trace per parameter, in ``data``. The barrier between early seeds is not
+    used (pairwise probes run on final weights only).
+
+    Raises:
+        ValueError: no sharpness or trace in the metrics, or too few runs.
+    """
+    from lossgeom import study
+    from lossgeom.analysis._predict import auroc, compare_cv_r2
+
+    fix = f"run a study like {H5_FILE}"
+    frame = study.load(path)
+    frame = frame[frame["status"].isin(["finished", "diverged"])]
+    for column, what in (
+        ("eos_ratio", "metrics.sharpness: true"),
+        ("trace", "metrics.trace_max_matvecs > 0"),
+    ):
+        _need(
+            column in frame.columns and frame[column].notna().any(),
+            f"H5 needs {column} in the early metrics ({what}); {fix}",
+        )
+    configs = {
+        r.run_id: r.config for r in study.load_study(Path(path) / "study.yaml").runs
+    }
+    table = _early_features(frame, configs, early_fraction)
+    _need(
+        len(table) >= 10,
+        f"H5 needs at least 10 runs with early probes; found {len(table)}; {fix}",
+    )
+    features = ["eos_ratio", "trace_per_param"]
+    if "slice_variance" in table and table["slice_variance"].notna().all():
+        features.append("slice_variance")
+    done = table[~table["diverged"]].dropna(
+        subset=["final_loss", "early_loss", *features]
+    )
+    # the features span orders of magnitude (eos_ratio from 0.01 to 100s):
+    # the linear models see their logarithms
+    done = done.assign(
+        **{c: np.log10(done[c].clip(lower=1e-12)) for c in [*features, "early_loss"]}
+    )
+    tests = []
+    for target, label in (
+        ("final_loss", "log10 final train loss"),
+        ("test_error", "test error"),
+    ):
+        y = (
+            np.log10(done[target].to_numpy(float))
+            if target == "final_loss"
+            else done[target].to_numpy(float)
+        )
+        X = done[features].to_numpy(float)
+        for base, name in (
+            ("trace_per_param", "the trace per parameter alone"),
+            ("early_loss", "the early train loss alone"),
+        ):
+            tests.append(
+                compare_cv_r2(
+                    X,
+                    done[[base]].to_numpy(float),
+                    y,
+                    claim=f"early probes ({', '.join(features)}) predict the {label} better than {name}",
+                    alpha=alpha,
+                )
+            )
+    tests = holm(tests)
+    data: dict = {"features": features, "runs": len(table), "finished": len(done)}
+    labels = table["diverged"].to_numpy()
+    if labels.any() and not labels.all():
+        data["auroc_divergence"] = {
+            "eos_ratio": auroc(table["eos_ratio"], labels).value,
+            "trace_per_param": auroc(table["trace_per_param"], labels).value,
+        }
+    return HypothesisResult(
+        hypothesis="H5",
+        claim="early landscape probes (lambda_max against 2/lr, trace/D, slice "
+        "variance) predict optimization difficulty better than the trace alone",
+        study=str(path),
+        tests=tests,
+        verdict=_overall(tests),
+        held_fixed=[
+            f"features from the first {early_fraction:.0%} of each run's steps"
+        ],
+        caveats=[
+            "linear models of a few features; a non-linear model might rank the features differently",
+            "the barrier between early seeds is not among the features (pairwise probes run on final weights)",
+        ],
+        data=data,
+        parameters={"alpha": alpha, "early_fraction": early_fraction},
+    )
+
+
+HYPOTHESES = {"h1": h1, "h2": h2, "h5": h5}
 """The analyses by name."""
 
 

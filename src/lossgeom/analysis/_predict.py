@@ -10,10 +10,17 @@ import numpy as np
 import scipy.stats as st
 
 from lossgeom._results import timed
-from lossgeom.analysis._base import Score, _vector
+from lossgeom.analysis._base import (
+    Score,
+    TestResult,
+    _low_n,
+    _vector,
+    decide_verdict,
+)
 
 __all__ = [
     "auroc",
+    "compare_cv_r2",
     "cv_r2",
 ]
 
@@ -181,5 +188,104 @@ def auroc(
             "negatives": int(n0),
             "p_value": float(res.pvalue),
         },
+        cost=meter.cost,
+    )
+
+
+def compare_cv_r2(
+    X: Any,
+    X_baseline: Any,
+    y: Sequence[float] | np.ndarray,
+    *,
+    claim: str,
+    folds: int = 5,
+    repeats: int = 10,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> TestResult:
+    """Whether regressors ``X`` predict ``y`` better out of fold than a baseline.
+
+    Both least-squares models are fitted and scored on the same ``folds`` x
+    ``repeats`` train/test splits; the effect is the mean of the per-split
+    differences of R^2 (``X`` minus ``X_baseline``). Splits share data, so a
+    plain t-test over them would be far too confident; the test is the
+    corrected resampled t-test of Nadeau and Bengio (2003, "Inference for the
+    generalization error", Machine Learning 52), which inflates the variance
+    by ``1 / J + n_test / n_train`` (``J`` splits) and uses ``scipy.stats.t``
+    with ``J - 1`` degrees of freedom. scipy and statsmodels have no such test,
+    hence this function.
+
+    Args:
+        X: the candidate regressors, ``(n, p)`` or ``(n,)``.
+        X_baseline: the baseline regressors, same rows.
+        y: the response.
+        claim: the claim, in words.
+        folds: folds per repeat.
+        repeats: shuffles.
+        alpha: the significance level (expected direction: greater).
+        seed: seed of the shuffles.
+
+    Raises:
+        ValueError: shapes that disagree, too few rows for the folds, a
+            constant ``y``.
+    """
+    yv = _vector(y, "y")
+    n = yv.size
+    A, B = _design(X, n), _design(X_baseline, n)
+    if n < 2 * folds or n - math.ceil(n / folds) <= max(A.shape[1], B.shape[1]):
+        raise ValueError(
+            f"{n} rows are too few for {folds} folds with {A.shape[1] - 1} "
+            "regressors; use fewer folds or more runs."
+        )
+    if not np.ptp(yv) > 0:
+        raise ValueError("y is constant; R^2 is undefined.")
+    rng = np.random.default_rng(seed)
+    diffs, n_test = [], []
+    with timed() as meter:
+        for _ in range(repeats):
+            order = rng.permutation(n)
+            for part in np.array_split(order, folds):
+                train = np.setdiff1d(order, part)
+                total = ((yv[part] - yv[train].mean()) ** 2).sum()
+                scores = []
+                for D in (A, B):
+                    coef = np.linalg.lstsq(D[train], yv[train], rcond=None)[0]
+                    scores.append(
+                        1.0 - ((yv[part] - D[part] @ coef) ** 2).sum() / total
+                    )
+                diffs.append(scores[0] - scores[1])
+                n_test.append(part.size)
+        d = np.asarray(diffs)
+        J = d.size
+        ratio = float(np.mean(n_test)) / (n - float(np.mean(n_test)))
+        var = float(d.var(ddof=1)) * (1.0 / J + ratio)
+        se = math.sqrt(var) if var > 0 else math.nan
+        mean = float(d.mean())
+        t = mean / se if se > 0 else math.nan
+        p = float(2 * st.t.sf(abs(t), J - 1)) if math.isfinite(t) else math.nan
+        half = float(st.t.ppf(1 - alpha / 2, J - 1)) * se if se > 0 else math.nan
+    caveats = _low_n(n, "runs")
+    return TestResult(
+        claim=claim,
+        test="corrected resampled t-test (Nadeau and Bengio 2003) over "
+        f"{repeats} x {folds}-fold splits, two-sided",
+        n=n,
+        effect=mean,
+        effect_name="mean out-of-fold R^2 gain over the baseline",
+        ci_low=mean - half,
+        ci_high=mean + half,
+        confidence=1.0 - alpha,
+        p_value=p,
+        alpha=alpha,
+        expect="greater",
+        verdict=decide_verdict(mean, p, alpha=alpha, expect="greater"),
+        stderr=se,
+        caveats=caveats,
+        definition=(
+            "difference of out-of-fold R^2 of two least-squares models on the "
+            "same splits; variance corrected for overlapping training sets"
+        ),
+        parameters={"folds": folds, "repeats": repeats, "seed": seed, "alpha": alpha},
+        details={"t": t, "df": J - 1, "splits": J},
         cost=meter.cost,
     )

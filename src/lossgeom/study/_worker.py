@@ -9,7 +9,6 @@ times of the latest attempt.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -151,10 +150,3 @@ def _load_final(run_dir: Path, model: torch.nn.Module) -> None:
         )
     load_checkpoint(sidecar, model, restore_rng=False)
 
-
-def read_json_or_none(path: Path) -> Any:
-    """The JSON content of ``path``, or ``None`` when missing or damaged."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
