@@ -149,4 +149,3 @@ def _load_final(run_dir: Path, model: torch.nn.Module) -> None:
             "of both runs"
         )
     load_checkpoint(sidecar, model, restore_rng=False)
-
