@@ -145,11 +145,9 @@ def check_index_against_run_directories(out: Path) -> None:
     con.close()
 
 
-def _kill_coordinator_at_random(tmp_path, seed: int, kills: int) -> Path:
-    path = _study_file(tmp_path)
-    out = tmp_path / "out"
-    rng = random.Random(seed)
-    cmd = [
+def _run_command(path: Path, out: Path) -> list[str]:
+    """``lossgeom study run`` of a study file with two jobs, as a command."""
+    return [
         sys.executable,
         "-m",
         "lossgeom",
@@ -161,6 +159,13 @@ def _kill_coordinator_at_random(tmp_path, seed: int, kills: int) -> Path:
         "--jobs",
         "2",
     ]
+
+
+def _kill_coordinator_at_random(tmp_path, seed: int, kills: int) -> Path:
+    path = _study_file(tmp_path)
+    out = tmp_path / "out"
+    rng = random.Random(seed)
+    cmd = _run_command(path, out)
     for _ in range(kills):
         proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -208,18 +213,7 @@ def test_kill_9_at_random_moments_many_times(tmp_path, seed):
 def test_a_killed_worker_is_recorded_and_resumes_only_when_asked(tmp_path):
     path = _study_file(tmp_path, steps=400, seeds=(0,))
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lossgeom",
-        "study",
-        "run",
-        str(path),
-        "--out",
-        str(out),
-        "--jobs",
-        "2",
-    ]
+    cmd = _run_command(path, out)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

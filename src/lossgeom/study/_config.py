@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lossgeom.train import ConfigError, TrainConfig, load_config
-from lossgeom.train._config import format_errors, read_source
+from lossgeom.train._reading import format_errors, read_source
 
 __all__ = [
     "ExecutorConfig",

@@ -143,6 +143,12 @@ def long_form(row: dict) -> list[tuple[str, float | None, float | None, str | No
     return out
 
 
+def _status_error(status: dict | None) -> str | None:
+    """``"Type: message"`` of the error a ``status.json`` records, if any."""
+    e = (status or {}).get("error")
+    return f"{e.get('type')}: {e.get('message')}" if e else None
+
+
 class Store:
     """The index of one study directory (see the module docstring).
 
@@ -256,9 +262,7 @@ class Store:
             rows += [(run_id, "probe", r["step"], *cols) for cols in long_form(body)]
             results.append((run_id, r["step"], r["key"], r["name"], r["path"]))
         state = (status or {}).get("status")
-        if error is None and status is not None and status.get("error"):
-            e = status["error"]
-            error = f"{e.get('type')}: {e.get('message')}"
+        error = error or _status_error(status)
         if error and state not in ("finished", "diverged"):
             state = "failed"
         worker = worker or {}
@@ -316,9 +320,7 @@ class Store:
             values += [(pair_id, *cols) for cols in long_form({"step": 0, **body})]
             results.append((pair_id, 0, r["key"], r["name"], r["path"]))
         state = (status or {}).get("status")
-        if error is None and status is not None and status.get("error"):
-            e = status["error"]
-            error = f"{e.get('type')}: {e.get('message')}"
+        error = error or _status_error(status)
         with self.con:
             self.con.execute("BEGIN")
             self.con.execute("DELETE FROM pair_metrics WHERE pair_id=?", (pair_id,))

@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from lossgeom._io import atomic_write_text
 from lossgeom.objective import Objective
 from lossgeom.train._callbacks import TrainState
-from lossgeom.train._config import ConfigError, MetricsConfig, TrainConfig, read_yaml
+from lossgeom.train._config import ConfigError, MetricsConfig, TrainConfig
+from lossgeom.train._reading import read_yaml
 from lossgeom.train._rundir import LOCK, DamagedFileError
 
 __all__ = [
