@@ -64,7 +64,7 @@ def test_h1_says_what_a_study_lacks(h1_study, tmp_path):
     spec = {"name": "one", "base": {**MLP, "steps": 20}, "seeds": [0, 1]}
     lg.study.run(spec, tmp_path / "one", progress=False)
     with pytest.raises(
-        ValueError, match="two or more batch sizes.*examples/studies/batch_size.yaml"
+        ValueError, match="two or more batch sizes.*examples/studies/h1.yaml"
     ):
         lg.analysis.h1(tmp_path / "one")
     spec = {

@@ -63,6 +63,9 @@ def _factories(problem, run_dir=None):
         "NoiseScaleResult": lambda: lg.noise_scale(obj),
         "GradientNoiseResult": lambda: lg.gradient_noise(obj, k=2),
         "NoiseAlignmentResult": lambda: lg.noise_alignment(obj, k=2),
+        "NoiseCurvatureResult": lambda: lg.noise_curvature(
+            obj, samples=8, batch_size=4, trace_probes=10
+        ),
         "GradientFractionResult": lambda: lg.gradient_fraction(obj, k=2),
         "DifficultyIndexResult": lambda: lg.difficulty_index(obj, k=2),
         "QuadraticPredictionResult": lambda: lg.quadratic_prediction(
@@ -165,6 +168,7 @@ def test_every_public_result_type_has_a_round_trip_case(problem):
         "NoiseScaleResult",
         "GradientNoiseResult",
         "NoiseAlignmentResult",
+        "NoiseCurvatureResult",
         "GradientFractionResult",
         "DifficultyIndexResult",
         "QuadraticPredictionResult",

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import lossgeom as lg
 from lossgeom.study import StudyError, load_study
+from lossgeom.train._build import build_state
 
 BASE = {
     "model": {"name": "mlp", "options": {"width": 16}},
@@ -382,3 +384,38 @@ def test_every_kind_of_probe_runs_and_reloads(tmp_path):
     assert (final["slice_1d_total_variation_stderr"] > 0).all()
     pair = lg.study.pairs(tmp_path / "out")
     assert pair["align"].notna().all() and pair["interpolate"].notna().all()
+
+
+def test_pair_probes_at_a_checkpoint_step(tmp_path):
+    base = {**BASE, "checkpoint": {"steps": [20]}}
+    pair_probes = [
+        {"name": "interpolate", "step": 20, "options": {"n_points": 5}},
+        {"name": "interpolate", "options": {"n_points": 5}},
+    ]
+    spec = study(base=base, grid={}, probes=[], pairs={"probes": pair_probes})
+    status = lg.study.run(spec, tmp_path / "s", progress=False)
+    assert status.pair_counts == {"finished": 1}, status.summary()
+    pair = lg.study.pairs(tmp_path / "s").iloc[0]
+    run_dirs = lg.study.runs(tmp_path / "s").set_index("run_id")["run_dir"]
+    # the barrier between both runs' step-20 checkpoints, recomputed here
+    models = []
+    for run_id, seed in (
+        (pair["run_a"], pair["seed_a"]),
+        (pair["run_b"], pair["seed_b"]),
+    ):
+        cfg = lg.load_config({**base, "seed": int(seed), "name": "tiny"})
+        state = build_state(cfg, tmp_path / "unused", torch.device("cpu"))
+        sidecar = Path(run_dirs[run_id]) / "checkpoints" / "step_0000020.json"
+        lg.train.load_checkpoint(sidecar, state.model, restore_rng=False)
+        models.append(state)
+    obj = models[0].objective
+    theta_b = obj.flatten(dict(models[1].model.named_parameters())).detach()
+    direct = lg.interpolate(obj, obj.theta, theta_b, n_points=5)
+    assert pair["interpolate_step20"] == pytest.approx(direct.barrier, rel=1e-12)
+    assert pair["interpolate_step20"] != pair["interpolate"]  # final weights differ
+
+
+def test_a_pair_probe_step_needs_checkpoints_there():
+    spec = study(pairs={"probes": [{"name": "interpolate", "step": 15}]})
+    with pytest.raises(StudyError, match=r"checkpoint: \{steps: \[15\]\}"):
+        load_study(spec)

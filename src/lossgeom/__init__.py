@@ -4,6 +4,7 @@ from lossgeom import _results
 from lossgeom import geometry as geometry  # subpackage: lg.geometry
 from lossgeom import measures as measures  # subpackage: lg.measures
 from lossgeom import testing as testing  # subpackage: lg.testing
+from lossgeom import theory as theory  # subpackage: lg.theory
 from lossgeom import train as train  # callable subpackage: lg.train(config)
 from lossgeom import zoo as zoo  # subpackage: lg.zoo
 from lossgeom._results import Cost, Result, load_result, save_result
@@ -63,6 +64,7 @@ from lossgeom.measures import (
     GradientNoiseResult,
     IntrinsicDimensionResult,
     NoiseAlignmentResult,
+    NoiseCurvatureResult,
     NoiseScaleResult,
     QuadraticPredictionResult,
     SharpnessResult,
@@ -72,6 +74,7 @@ from lossgeom.measures import (
     gradient_noise,
     intrinsic_dimension,
     noise_alignment,
+    noise_curvature,
     noise_scale,
     quadratic_prediction,
     random_projection,
@@ -152,6 +155,7 @@ __all__ = [
     "GradientNoiseResult",
     "IntrinsicDimensionResult",
     "NoiseAlignmentResult",
+    "NoiseCurvatureResult",
     "NoiseScaleResult",
     "QuadraticPredictionResult",
     "SharpnessResult",
@@ -161,6 +165,7 @@ __all__ = [
     "gradient_noise",
     "intrinsic_dimension",
     "noise_alignment",
+    "noise_curvature",
     "noise_scale",
     "quadratic_prediction",
     "random_projection",

@@ -13,18 +13,22 @@ from lossgeom.analysis._base import (
     TestResult,
     decide_verdict,
 )
+from lossgeom.analysis._escape import escape_times
 from lossgeom.analysis._hypotheses import (
     HYPOTHESES,
     HypothesisResult,
     analyze,
     h1,
     h2,
+    h3,
+    h4,
     h5,
 )
 from lossgeom.analysis._predict import auroc, compare_cv_r2, cv_r2
 from lossgeom.analysis._rank import granulated_kendall, kendall
 from lossgeom.analysis._regression import regression
 from lossgeom.analysis._stats import bootstrap_ci, holm, paired_test
+from lossgeom.analysis._survival import hazard_regression
 
 __all__ = [
     # hypotheses
@@ -33,7 +37,10 @@ __all__ = [
     "analyze",
     "h1",
     "h2",
+    "h3",
+    "h4",
     "h5",
+    "escape_times",
     # statistics
     "BootstrapCI",
     "GranulatedKendall",
@@ -45,6 +52,7 @@ __all__ = [
     "cv_r2",
     "decide_verdict",
     "granulated_kendall",
+    "hazard_regression",
     "holm",
     "kendall",
     "paired_test",

@@ -5,7 +5,8 @@ Each analysis reads a study directory (:func:`lossgeom.study.load`,
 test (same seed, same other settings), runs one test per link or measure with
 :mod:`lossgeom.analysis` and returns a :class:`HypothesisResult`: the tests, a
 verdict and the caveats. An analysis refuses a study that lacks what it needs,
-saying what is missing and which study file provides it.
+saying what is missing and which study file provides it. H1 and H2 live here;
+H3 (escape), H5 (early probes) and H4 (bounds) in their own modules.
 """
 
 from __future__ import annotations
@@ -13,131 +14,29 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
-from lossgeom._results import Result
-from lossgeom.analysis._base import TestResult
+from lossgeom.analysis._bounds import h4
+from lossgeom.analysis._early import h5
+from lossgeom.analysis._escape import h3
 from lossgeom.analysis._regression import regression
 from lossgeom.analysis._stats import holm, paired_test
+from lossgeom.analysis._verdicts import (
+    HypothesisResult,
+    _column,
+    _final,
+    _need,
+    _overall,
+    _overrides,
+    _pairs_by,
+)
 
-__all__ = ["HYPOTHESES", "HypothesisResult", "analyze", "h1", "h2", "h5"]
+__all__ = ["HYPOTHESES", "HypothesisResult", "analyze", "h1", "h2", "h3", "h4", "h5"]
 
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class HypothesisResult(Result):
-    """A hypothesis tested on a study: its tests, verdict and caveats.
-
-    Attributes:
-        hypothesis: its label (``H1`` ... ``H5``).
-        claim: the hypothesis in words.
-        study: the study directory analysed.
-        tests: one test per link or measure (Holm-adjusted as a family).
-        verdict: ``supported`` when every test is, ``contradicted`` when any
-            test is, ``inconclusive`` otherwise.
-        held_fixed: what the compared runs share.
-        caveats: what to keep in mind reading the verdict.
-        data: the paired values each test used, by test claim.
-        definition, parameters, details, cost: as for every
-            :class:`~lossgeom.Result`.
-    """
-
-    hypothesis: str
-    claim: str
-    study: str
-    tests: list[TestResult]
-    verdict: str
-    held_fixed: list[str] = field(default_factory=list)
-    caveats: list[str] = field(default_factory=list)
-    data: dict = field(default_factory=dict)
-    definition: str = field(
-        default="a hypothesis of the research program tested on paired runs of a "
-        "study; see docs/hypotheses.md",
-        kw_only=True,
-    )
-    bulky: ClassVar[tuple[str, ...]] = ()
-
-    def scalars(self) -> dict[str, float]:
-        """Each test's effect and p-value, by its position."""
-        out: dict[str, float] = {}
-        for i, t in enumerate(self.tests):
-            out[f"test{i}_effect"] = float(t.effect)
-            out[f"test{i}_p"] = float(t.p)
-        return out
-
-    def summary(self) -> str:
-        """The verdict, each test on a line, then the caveats."""
-        lines = [f"{self.hypothesis}: {self.claim}", f"  verdict: {self.verdict}"]
-        lines += [f"  - {t.summary()}" for t in self.tests]
-        if self.held_fixed:
-            lines.append("  held fixed: " + "; ".join(self.held_fixed))
-        lines += [f"  caveat: {c}" for c in self.caveats]
-        return "\n".join(lines)
-
-
-def _overall(tests: list[TestResult]) -> str:
-    verdicts = {t.verdict for t in tests}
-    if verdicts == {"supported"}:
-        return "supported"
-    if "contradicted" in verdicts:
-        return "contradicted"
-    return "inconclusive"
-
-
-def _final(path: str | os.PathLike) -> pd.DataFrame:
-    """One row per finished or diverged run: its last measured value of each column."""
-    from lossgeom import study
-
-    frame = study.load(path)
-    frame = frame[frame["status"].isin(["finished", "diverged"])]
-    runs = study.runs(path).set_index("run_id")
-    final = frame.sort_values("step", kind="stable").groupby("run_id").last()
-    final["stopped"] = runs.loc[final.index, "stopped"]
-    return final
-
-
-def _overrides(path: str | os.PathLike) -> dict[str, dict]:
-    from lossgeom.study._store import INDEX, connect
-
-    con = connect(Path(path) / INDEX, readonly=True)
-    try:
-        rows = con.execute("SELECT run_id, overrides FROM runs").fetchall()
-    finally:
-        con.close()
-    return {r[0]: json.loads(r[1]) for r in rows}
-
-
-def _pairs_by(
-    final: pd.DataFrame, overrides: dict[str, dict], axis: str, low, high
-) -> list[tuple[str, str]]:
-    """``(run at low, run at high)`` of the runs equal but for ``axis``, same seed."""
-    keyed: dict[str, dict] = {}
-    for run_id, row in final.iterrows():
-        other = {k: v for k, v in overrides[run_id].items() if k != axis}
-        key = json.dumps([other, int(row["seed"])], sort_keys=True)
-        keyed.setdefault(key, {})[row[axis]] = run_id
-    return [(d[low], d[high]) for d in keyed.values() if low in d and high in d]
-
-
-def _need(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _column(final: pd.DataFrame, names: tuple[str, ...], what: str, fix: str) -> str:
-    for name in names:
-        if name in final.columns and final[name].notna().any():
-            return name
-    raise ValueError(
-        f"the study has no {what} (looked for columns {list(names)}); {fix}"
-    )
-
-
-H1_FILE = "examples/studies/batch_size.yaml"
+H1_FILE = "examples/studies/h1.yaml"
 
 
 def h1(
@@ -258,7 +157,7 @@ def h1(
     )
 
 
-H2_FILE = "examples/studies/skip_ablation.yaml"
+H2_FILE = "examples/studies/h2.yaml"
 _SKIP = "model.options.skip"
 
 
@@ -378,167 +277,7 @@ def _barriers(pairs: pd.DataFrame, overrides: dict):
     return np.array([m[0] for m in matched]), np.array([m[1] for m in matched])
 
 
-H5_FILE = "examples/studies/h5.yaml"
-
-
-def _n_params(config: dict, cache: dict) -> int:
-    """Trainable parameters of the model a run config trains."""
-    from lossgeom.train import build_model
-
-    key = json.dumps([config["model"], config["data"]], sort_keys=True)
-    if key not in cache:
-        model = build_model(config, device="cpu")
-        cache[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return cache[key]
-
-
-def _early_features(
-    frame: pd.DataFrame, configs: dict, early_fraction: float
-) -> pd.DataFrame:
-    """One row per run: its early probes, early loss, final loss and test error."""
-    cache: dict = {}
-    rows = []
-    for run_id, group in frame.groupby("run_id"):
-        steps = configs[run_id]["steps"]
-        early = group[
-            (group["step"] <= early_fraction * steps)
-            & group["eos_ratio"].notna()
-            & group["trace"].notna()
-        ]
-        if early.empty:
-            continue
-        first = early.sort_values("step").iloc[-1]
-        last = group.sort_values("step")
-        row = {
-            "run_id": run_id,
-            "eos_ratio": float(first["eos_ratio"]),
-            "trace_per_param": float(first["trace"])
-            / _n_params(configs[run_id], cache),
-            "early_loss": float(first["train_loss"]),
-            "diverged": bool(group["status"].iloc[0] == "diverged"),
-            "final_loss": float(last["train_loss"].dropna().iloc[-1])
-            if last["train_loss"].notna().any()
-            else math.nan,
-            "test_error": float(last["test_error"].dropna().iloc[-1])
-            if "test_error" in last and last["test_error"].notna().any()
-            else math.nan,
-        }
-        if "slice_1d_slice_variance" in early:
-            row["slice_variance"] = float(
-                first.get("slice_1d_slice_variance", math.nan)
-            )
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def h5(
-    path: str | os.PathLike, *, alpha: float = 0.05, early_fraction: float = 0.05
-) -> HypothesisResult:
-    """H5: early landscape probes predict optimization difficulty beyond the trace.
-
-    Features of each run at its last metrics row within the first
-    ``early_fraction`` of its steps: ``lambda_max`` relative to the stability
-    threshold (``eos_ratio`` = sharpness / (2 / lr)), the Hessian trace per
-    parameter (``trace / D``), and the slice variance where the study probes
-    it early (``slice_1d`` at such a step). Targets: the final train loss
-    (log10) and the test error of the finished runs; and divergence.
-
-    Four comparisons of out-of-fold R^2 (least squares on the features'
-    logarithms, which span orders of magnitude; repeated 5-fold,
-    :func:`~lossgeom.analysis.compare_cv_r2`), Holm-adjusted together: the
-    probe features against the trace alone and against the early train loss
-    alone, for each target. Divergence: the AUROC of ``eos_ratio`` and of the
-    trace per parameter, in ``data``. The barrier between early seeds is not
-    used (pairwise probes run on final weights only).
-
-    Raises:
-        ValueError: no sharpness or trace in the metrics, or too few runs.
-    """
-    from lossgeom import study
-    from lossgeom.analysis._predict import auroc, compare_cv_r2
-
-    fix = f"run a study like {H5_FILE}"
-    frame = study.load(path)
-    frame = frame[frame["status"].isin(["finished", "diverged"])]
-    for column, what in (
-        ("eos_ratio", "metrics.sharpness: true"),
-        ("trace", "metrics.trace_max_matvecs > 0"),
-    ):
-        _need(
-            column in frame.columns and frame[column].notna().any(),
-            f"H5 needs {column} in the early metrics ({what}); {fix}",
-        )
-    configs = {
-        r.run_id: r.config for r in study.load_study(Path(path) / "study.yaml").runs
-    }
-    table = _early_features(frame, configs, early_fraction)
-    _need(
-        len(table) >= 10,
-        f"H5 needs at least 10 runs with early probes; found {len(table)}; {fix}",
-    )
-    features = ["eos_ratio", "trace_per_param"]
-    if "slice_variance" in table and table["slice_variance"].notna().all():
-        features.append("slice_variance")
-    done = table[~table["diverged"]].dropna(
-        subset=["final_loss", "early_loss", *features]
-    )
-    # the features span orders of magnitude (eos_ratio from 0.01 to 100s):
-    # the linear models see their logarithms
-    done = done.assign(
-        **{c: np.log10(done[c].clip(lower=1e-12)) for c in [*features, "early_loss"]}
-    )
-    tests = []
-    for target, label in (
-        ("final_loss", "log10 final train loss"),
-        ("test_error", "test error"),
-    ):
-        y = (
-            np.log10(done[target].to_numpy(float))
-            if target == "final_loss"
-            else done[target].to_numpy(float)
-        )
-        X = done[features].to_numpy(float)
-        for base, name in (
-            ("trace_per_param", "the trace per parameter alone"),
-            ("early_loss", "the early train loss alone"),
-        ):
-            tests.append(
-                compare_cv_r2(
-                    X,
-                    done[[base]].to_numpy(float),
-                    y,
-                    claim=f"early probes ({', '.join(features)}) predict the {label} better than {name}",
-                    alpha=alpha,
-                )
-            )
-    tests = holm(tests)
-    data: dict = {"features": features, "runs": len(table), "finished": len(done)}
-    labels = table["diverged"].to_numpy()
-    if labels.any() and not labels.all():
-        data["auroc_divergence"] = {
-            "eos_ratio": auroc(table["eos_ratio"], labels).value,
-            "trace_per_param": auroc(table["trace_per_param"], labels).value,
-        }
-    return HypothesisResult(
-        hypothesis="H5",
-        claim="early landscape probes (lambda_max against 2/lr, trace/D, slice "
-        "variance) predict optimization difficulty better than the trace alone",
-        study=str(path),
-        tests=tests,
-        verdict=_overall(tests),
-        held_fixed=[
-            f"features from the first {early_fraction:.0%} of each run's steps"
-        ],
-        caveats=[
-            "linear models of a few features; a non-linear model might rank the features differently",
-            "the barrier between early seeds is not among the features (pairwise probes run on final weights)",
-        ],
-        data=data,
-        parameters={"alpha": alpha, "early_fraction": early_fraction},
-    )
-
-
-HYPOTHESES = {"h1": h1, "h2": h2, "h5": h5}
+HYPOTHESES = {"h1": h1, "h2": h2, "h3": h3, "h4": h4, "h5": h5}
 """The analyses by name."""
 
 

@@ -119,7 +119,9 @@ def table_cmd(
 def analyze_cmd(
     directory: Path = typer.Argument(..., help="The study directory."),
     hypothesis: str | None = typer.Option(
-        None, "--hypothesis", help="h1, h2 or h5 (default: every one the study allows)."
+        None,
+        "--hypothesis",
+        help="h1, h2, h3, h4 or h5 (default: every one the study allows).",
     ),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level."),
 ) -> None:

@@ -24,6 +24,7 @@ from lossgeom.measures._dimension import (
     intrinsic_dimension,
     subspace_train,
 )
+from lossgeom.measures._escape import NoiseCurvatureResult, noise_curvature
 from lossgeom.measures._noise import (
     GradientNoiseResult,
     NoiseScaleResult,
@@ -49,6 +50,7 @@ register("sharpness", sharpness)
 register("noise_scale", noise_scale)
 register("gradient_fraction", gradient_fraction)
 register("difficulty_index", difficulty_index)
+register("noise_curvature", noise_curvature)
 
 __all__ = [
     # dimensionality
@@ -73,12 +75,14 @@ __all__ = [
     "GradientFractionResult",
     "GradientNoiseResult",
     "NoiseAlignmentResult",
+    "NoiseCurvatureResult",
     "NoiseScaleResult",
     "QuadraticPredictionResult",
     "difficulty_index",
     "gradient_fraction",
     "gradient_noise",
     "noise_alignment",
+    "noise_curvature",
     "noise_scale",
     "quadratic_prediction",
     # measures by name (training callbacks, studies)

@@ -10,7 +10,7 @@ Running a study again skips finished runs and resumes killed ones.
 
 Example:
     >>> import lossgeom as lg                                   # doctest: +SKIP
-    >>> lg.study.run("examples/studies/batch_size.yaml", "out")  # doctest: +SKIP
+    >>> lg.study.run("examples/studies/h1.yaml", "out")  # doctest: +SKIP
     >>> lg.study.table("out", by=["batch_size"], metrics=["test_error"])  # doctest: +SKIP
 """
 

@@ -118,17 +118,22 @@ class ProbeSpec(_Strict):
 
 
 class PairProbeSpec(_Strict):
-    """A measurement between the final weights of two seeds of one setting.
+    """A measurement between the weights of two seeds of one setting.
 
     Attributes:
         name: ``interpolate`` (the linear path and its barrier), ``connect``
             (a trained curve) or ``align`` (permutation alignment, then the path).
         options: its keyword arguments.
-        key: the name of its columns (default: the name).
+        step: probe the weights of both runs at this step (their checkpoints,
+            so the base config must list it in ``checkpoint.steps``); ``None``:
+            the final weights.
+        key: the name of its columns (default: the name, plus ``_step<N>``
+            when ``step`` is set).
     """
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
+    step: Annotated[int, Field(strict=True, ge=0)] | None = None
     key: str | None = None
 
     @model_validator(mode="after")
@@ -141,7 +146,9 @@ class PairProbeSpec(_Strict):
     @property
     def column(self) -> str:
         """The probe's column name."""
-        return self.key or self.name
+        if self.key:
+            return self.key
+        return self.name if self.step is None else f"{self.name}_step{self.step}"
 
 
 class PairsConfig(_Strict):
@@ -512,6 +519,18 @@ def _check_probe_columns(cfg: StudyConfig, runs: list[RunSpec]) -> None:
         for measure in m.get("measures", []):
             written.add(
                 measure.get("key") or default_key(measure["name"], measure["options"])
+            )
+    for i, spec in enumerate(cfg.pairs.probes):
+        if spec.step is None:
+            continue
+        late = [r for r in runs if spec.step > r.config["steps"]]
+        missing = [r for r in runs if spec.step not in r.config["checkpoint"]["steps"]]
+        if late or missing:
+            raise StudyError(
+                f"pairs.probes.{i} ({spec.name}) probes step {spec.step}: every run "
+                f"must save a checkpoint there; add it to the base config "
+                f"(checkpoint: {{steps: [{spec.step}]}})"
+                + (f" and run at least {spec.step} steps" if late else "")
             )
     clash = sorted({p.column for p in cfg.probes} & written)
     if clash:

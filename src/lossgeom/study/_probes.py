@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lossgeom import curvature, geometry, measures
+from lossgeom import curvature, geometry, measures, theory
 from lossgeom._results import Result, jsonable, save_result
 from lossgeom.measures import row_entries
-from lossgeom.train import Callback, MetricsLog, TrainState
+from lossgeom.train import Callback, MetricsLog, TrainState, build_model
 
 __all__ = [
     "PAIR_PROBES",
@@ -48,7 +48,10 @@ class Probe:
         fn: the function.
         supplies: the leading parameters filled from the run (``obj``: the probe
             objective; ``model, loss_fn, train_data, eval_data``: a copy of the
-            model, its loss, the probe set and the test set); the rest are options.
+            model, its loss, the training set and the test set (the training set
+            when there is none); ``init_model``: the model as initialised from the
+            run's seed; ``test_data``: the test set or ``None``); the rest are
+            options.
     """
 
     fn: Callable[..., Any]
@@ -65,6 +68,10 @@ def _objective_probes() -> dict[str, Probe]:
         "noise_alignment": Probe(measures.noise_alignment),
         "gradient_noise": Probe(measures.gradient_noise),
         "slice_1d": Probe(geometry.slice_1d),
+        "pac_bayes": Probe(
+            theory.pac_bayes_bounds,
+            ("model", "loss_fn", "init_model", "train_data", "test_data"),
+        ),
         "intrinsic_dimension": Probe(
             measures.intrinsic_dimension,
             ("model", "loss_fn", "train_data", "eval_data"),
@@ -255,6 +262,11 @@ class _Inputs(dict):
             "loss_fn": lambda: s.loss_fn,
             "train_data": lambda: s.train_data,
             "eval_data": lambda: s.test_data or s.train_data,
+            "test_data": lambda: s.test_data,
+            # the run's own model was built from this config, factory or not
+            "init_model": lambda: build_model(
+                s.config, device=s.device, allow_factory=True
+            ),
         }[name]()
         self[name] = value
         return value

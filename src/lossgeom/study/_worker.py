@@ -102,26 +102,15 @@ def _pair(directory: Path, payload: dict, specs: list) -> None:
         try:
             (directory / PAIR_LOG).unlink(missing_ok=True)
             cfg = load_config(payload["config"])
-            state = build_state(cfg, run_a, resolve_device(cfg), allow_factory=allow)
-            model_a = state.model
-            _load_final(run_a, model_a)
-            model_b = build_model(
-                payload["config_b"], device=state.device, allow_factory=allow
-            )
-            _load_final(run_b, model_b)
-            obj = state.objective
-            theta_b = obj.flatten(dict(model_b.named_parameters())).detach()
-            inputs = {
-                "obj": obj,
-                "theta_a": obj.theta,
-                "theta_b": theta_b,
-                "model_a": model_a,
-                "model_b": model_b,
-            }
+            inputs: dict[int | None, dict] = {}
             for spec in specs:
+                if spec.step not in inputs:
+                    inputs[spec.step] = _pair_inputs(
+                        cfg, payload, run_a, run_b, spec.step, allow
+                    )
                 start = time.perf_counter()
                 result = run_probe(
-                    PAIR_PROBES, spec.name, spec.options, inputs, cfg.seed
+                    PAIR_PROBES, spec.name, spec.options, inputs[spec.step], cfg.seed
                 )
                 record(
                     directory / "results",
@@ -141,11 +130,39 @@ def _pair(directory: Path, payload: dict, specs: list) -> None:
             raise
 
 
-def _load_final(run_dir: Path, model: torch.nn.Module) -> None:
-    sidecar = latest_checkpoint(run_dir / "checkpoints")
+def _pair_inputs(
+    cfg, payload: dict, run_a: Path, run_b: Path, step: int | None, allow: bool
+) -> dict:
+    """Both runs' models at ``step`` (``None``: final) and run a's objective."""
+    state = build_state(cfg, run_a, resolve_device(cfg), allow_factory=allow)
+    model_a = state.model
+    _load_weights(run_a, model_a, step)
+    model_b = build_model(payload["config_b"], device=state.device, allow_factory=allow)
+    _load_weights(run_b, model_b, step)
+    obj = state.objective
+    theta_b = obj.flatten(dict(model_b.named_parameters())).detach()
+    return {
+        "obj": obj,
+        "theta_a": obj.theta,
+        "theta_b": theta_b,
+        "model_a": model_a,
+        "model_b": model_b,
+    }
+
+
+def _load_weights(run_dir: Path, model: torch.nn.Module, step: int | None) -> None:
+    """Load the run's final checkpoint, or its checkpoint at ``step``."""
+    folder = run_dir / "checkpoints"
+    if step is None:
+        sidecar = latest_checkpoint(folder)
+        what = "the final weights"
+    else:
+        sidecar = folder / f"step_{step:07d}.json"
+        sidecar = sidecar if sidecar.exists() else None
+        what = f"the weights at step {step} (checkpoint.steps: [{step}])"
     if sidecar is None:
         raise FileNotFoundError(
-            f"{run_dir} has no checkpoint; a pairwise probe needs the final weights "
-            "of both runs"
+            f"{run_dir} has no checkpoint with {what}; a pairwise probe needs them "
+            "in both runs (a run that stopped earlier never reached the step)"
         )
     load_checkpoint(sidecar, model, restore_rng=False)

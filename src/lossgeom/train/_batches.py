@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from lossgeom.train._config import TrainConfig
 
-__all__ = ["augment", "training_batch"]
+__all__ = ["augment", "step_generator", "training_batch"]
 
 
 def training_batch(
@@ -45,12 +45,12 @@ def training_batch(
         X, y = X[idx], y[idx]
     if cfg.augment is not None:
         a = cfg.augment
-        X = augment(X, a.crop_padding, a.flip, _step_generator(cfg.seed, step, 2))
+        X = augment(X, a.crop_padding, a.flip, step_generator(cfg.seed, step, 2))
         X, y = X[part], y[part]
     return X, y
 
 
-def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
+def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
     """A generator that depends on (seed, step) only: resuming needs no saved state."""
     return torch.Generator().manual_seed(
         (seed * 1_000_003 + step * 7_919 + salt) % 2**63
@@ -62,7 +62,7 @@ def _batch_indices(cfg: TrainConfig, n: int, step: int) -> Tensor | None:
         return None
     per_epoch = n // cfg.batch_size
     epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=_step_generator(cfg.seed, epoch, 1))
+    perm = torch.randperm(n, generator=step_generator(cfg.seed, epoch, 1))
     return perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
 
 

@@ -32,12 +32,15 @@ __all__ = [
 class HalfSquaredError(nn.Module):
     """``0.5 * ||f(x) - onehot(y)||^2`` summed over outputs, averaged over samples.
 
-    Integer targets are one-hot encoded; float targets are used as given.
+    Integer targets are one-hot encoded (by comparison with the class indices,
+    which ``torch.func.vmap`` can batch for per-sample gradients, unlike
+    ``one_hot``); float targets are used as given.
     """
 
     def forward(self, out: Tensor, y: Tensor) -> Tensor:
         if y.dtype in (torch.int64, torch.int32):
-            target = nn.functional.one_hot(y, out.shape[-1]).to(out.dtype)
+            classes = torch.arange(out.shape[-1], device=y.device)
+            target = (y.unsqueeze(-1) == classes).to(out.dtype)
         else:
             target = y.reshape(out.shape).to(out.dtype)
         return 0.5 * ((out - target) ** 2).sum(-1).mean()

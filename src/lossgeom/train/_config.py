@@ -30,6 +30,7 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "ShiftConfig",
+    "StartConfig",
     "StopConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -169,6 +170,11 @@ class OptimConfig(_Strict):
         eps: Adam's denominator offset.
         weight_decay: L2 penalty (``adamw``: decoupled).
         adaptive: curvature-adaptive step size; ``None``: off.
+        noise: the noise of ``sgd``'s steps: ``sgd``, the minibatch gradient's own;
+            ``isotropic``, the full-batch gradient plus a uniformly random
+            direction scaled to the norm of that step's minibatch noise (the same
+            total variance, step by step, without its shape; one extra
+            full-batch gradient per step; single-process training only).
     """
 
     name: Literal["gd", "sgd", "adam", "adamw"] = "sgd"
@@ -181,9 +187,16 @@ class OptimConfig(_Strict):
     eps: PositiveFloat = 1e-8
     weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     adaptive: AdaptiveConfig | None = None
+    noise: Literal["sgd", "isotropic"] = "sgd"
 
     @model_validator(mode="after")
     def _consistent(self) -> OptimConfig:
+        if self.noise == "isotropic" and self.name != "sgd":
+            raise ValueError(
+                "noise: isotropic replaces the minibatch noise of sgd; got optimizer "
+                f"{self.name!r}. Use optim.name: sgd with a batch_size smaller "
+                "than the training set."
+            )
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0 (e.g. momentum: 0.9)")
         if self.name in ("adam", "adamw") and (self.momentum or self.nesterov):
@@ -368,6 +381,25 @@ class CheckpointConfig(_Strict):
     keep_last: PositiveInt | None = None
 
 
+class StartConfig(_Strict):
+    """A starting point reached before step 0 by full-batch gradient descent.
+
+    From the seeded initialisation, ``steps`` plain gradient-descent updates at
+    ``lr`` on the whole training set (no momentum, schedule, metrics or
+    checkpoints) give the weights of step 0. Every run of a seed with the same
+    model, data and ``start`` begins at the same point, as escape experiments
+    need: reach a minimum by full-batch descent, then compare the noise of the
+    steps that follow (``optim.noise``). A resumed run does not descend again.
+
+    Attributes:
+        steps: descent steps.
+        lr: their step size.
+    """
+
+    steps: PositiveInt
+    lr: PositiveFloat
+
+
 class StopConfig(_Strict):
     """Stopping before ``steps``.
 
@@ -408,6 +440,8 @@ class TrainConfig(_Strict):
             summed over classes and averaged over samples (regression targets
             are used as given).
         steps: optimizer steps (at most; see ``stop``).
+        start: reach step 0 by full-batch gradient descent first (``None``: start
+            at the initialisation).
         stop: stop earlier, at a train loss.
         batch_size: samples per step (``None`` or ``gd``: the whole training set).
         augment: image augmentation (``None``: off).
@@ -428,6 +462,7 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     steps: PositiveInt = 1000
+    start: StartConfig | None = None
     stop: StopConfig = Field(default_factory=StopConfig)
     batch_size: PositiveInt | None = 128
     augment: AugmentConfig | None = None
@@ -464,6 +499,11 @@ class TrainConfig(_Strict):
         if late:
             raise ValueError(
                 f"checkpoint.steps {late} lie after the last step ({self.steps})"
+            )
+        if self.optim.noise == "isotropic" and self.batch_size is None:
+            raise ValueError(
+                "optim.noise: isotropic needs minibatches to take the noise's size "
+                "from; set batch_size smaller than the training set"
             )
         if self.bf16 and self.dtype == "float64":
             raise ValueError("bf16 autocast needs dtype float32")

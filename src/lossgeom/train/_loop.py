@@ -29,6 +29,7 @@ from lossgeom.train._callbacks import Callback, TrainState, check_callbacks
 from lossgeom.train._checkpointing import Checkpointer
 from lossgeom.train._config import TrainConfig, load_config
 from lossgeom.train._distributed import Ranks, check_global_batch, data_parallel
+from lossgeom.train._escape import descend_to_start, isotropic_gradients
 from lossgeom.train._probes import GradientNorm, HessianTrace, LossAccuracy, Sharpness
 from lossgeom.train._rundir import RunLock, log_event, record_failure
 from lossgeom.train._schedule import StepSize
@@ -220,6 +221,7 @@ def _run(
     Rank 0 alone writes; the other ranks read the rows once it has.
     """
     cfg, run_dir = state.config, state.run_dir
+    _check_noise(cfg, state.train_data[0].shape[0], ranks)
     log = MetricsLog(run_dir / "metrics.jsonl")
     step_size = StepSize(cfg)
     sharpness = _sharpness_probe(cfg)  # its warm start goes into checkpoints
@@ -255,6 +257,8 @@ def _run(
                 {"file": name, "reason": why} for name, why in checkpointer.skipped
             ]
         write_status(run_dir, "running", state.step, **info)
+    if cfg.start is not None and state.resumed_from is None:
+        _descend_to_start(state, ranks)
 
     loop = _Loop(state, builtins, user_callbacks, step_size, log, progress, ranks)
     try:
@@ -266,6 +270,44 @@ def _run(
 
 
 _TRACKERS = (TensorBoardTracker, WandbTracker)
+
+
+def _check_noise(cfg: TrainConfig, n: int, ranks: Ranks) -> None:
+    """``optim.noise: isotropic`` needs minibatch noise and one process."""
+    if cfg.optim.noise != "isotropic":
+        return
+    if ranks.parallel:
+        raise ValueError(
+            "optim.noise: isotropic takes a full-batch gradient each step and is "
+            f"implemented for one process; this run has {ranks.world_size} ranks. "
+            "Run it without torchrun."
+        )
+    if cfg.batch_size >= n:
+        raise ValueError(
+            f"optim.noise: isotropic scales its noise to the minibatch noise, but "
+            f"batch_size {cfg.batch_size} covers the whole training set ({n} "
+            "samples), which has none; choose a smaller batch_size."
+        )
+
+
+def _descend_to_start(state: TrainState, ranks: Ranks) -> None:
+    """Reach step 0 by the config's full-batch descent (every rank alike)."""
+    cfg = state.config
+    try:
+        before, after = descend_to_start(
+            cfg, state.model, state.loss_fn, state.train_data
+        )
+    except FloatingPointError as err:
+        state.status = "diverged"
+        if ranks.writer:
+            write_status(state.run_dir, "diverged", 0, reason=str(err))
+        return
+    if ranks.writer:
+        log_event(
+            state.run_dir,
+            f"start: {cfg.start.steps} full-batch descent steps at lr "
+            f"{cfg.start.lr:g}, training loss {before:.6g} -> {after:.6g}",
+        )
 
 
 def _sharpness_probe(cfg: TrainConfig) -> Sharpness | None:
@@ -449,6 +491,8 @@ class _Loop:
             )
             return
         loss.backward()
+        if cfg.optim.noise == "isotropic":
+            isotropic_gradients(cfg, state.model, state.loss_fn, state.train_data, step)
         state.optimizer.step()
         state.step += 1
         for cb in self.callbacks:
