@@ -1,5 +1,6 @@
 # lossgeom: two commands on a fresh machine.
-#   make demo   -- set up .venv, train a small model on sklearn digits, probe it
+#   make demo   -- set up .venv, run the batch-size study at demo size (2 batch sizes x
+#                  3 seeds on sklearn digits), test H1, write demo-out/report.html
 #   make test   -- set up .venv, run the test suite (fast tests only)
 # TORCH_SPEC picks the torch build (default: the CPU wheel pinned below; a bare
 # 'torch' requirement would pull a multi-GB CUDA build).
@@ -25,8 +26,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lossgeom demo --out $(OUT)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# The peers the tests compare with (curvlinops' K-FAC), installed without their
+# dependencies, which would replace torch; LOSSGEOM_REQUIRE_PEERS=1 makes the
+# comparison fail rather than skip when they are missing.
+PEERS_STAMP := $(VENV)/.lossgeom-peers
+
+$(PEERS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(BENCH_PEERS)
+	touch $(PEERS_STAMP)
+
+test: $(STAMP) $(PEERS_STAMP)
+	LOSSGEOM_REQUIRE_PEERS=1 $(PY) -m pytest -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -42,14 +52,14 @@ lint: $(STAMP)
 BENCH_PEERS := pyhessian curvlinops-for-pytorch backpack-for-pytorch einops einconv \
 	linear_operator opt-einsum jaxtyping
 
-bench: $(STAMP)
-	$(PY) -m pip install --quiet --no-deps $(BENCH_PEERS)
+bench: $(PEERS_STAMP)
 	$(PY) benchmarks/hvp.py
 	$(PY) benchmarks/spectra.py
 	$(PY) benchmarks/slices.py
 	$(PY) benchmarks/gradient_noise.py
 	$(PY) benchmarks/train_callbacks.py
 	$(PY) benchmarks/study.py
+	$(PY) benchmarks/kfac.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -1,4 +1,5 @@
-"""The main job: `lossgeom demo` trains, probes and writes results.json."""
+"""The main job: `lossgeom demo` runs a small study, tests H1 and writes the report;
+`lossgeom demo --quick` trains one model, probes it and writes results.json."""
 
 import json
 from pathlib import Path
@@ -104,7 +105,17 @@ def test_demo_gradient_noise_trace_is_exact(tmp_path):
 def test_cli_demo_prints_a_table(tmp_path):
     result = CliRunner().invoke(
         app,
-        ["demo", "--out", str(tmp_path), "--steps", "20", "--width", "4", "--no-dense"],
+        [
+            "demo",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "20",
+            "--width",
+            "4",
+            "--no-dense",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "curvature along gradient" in result.output
@@ -112,7 +123,9 @@ def test_cli_demo_prints_a_table(tmp_path):
 
 
 def test_cli_demo_rejects_bad_input(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--steps", "-3"])
+    result = CliRunner().invoke(
+        app, ["demo", "--quick", "--out", str(tmp_path), "--steps", "-3"]
+    )
     assert result.exit_code == 2
     assert "steps must be >= 0" in result.output
 
@@ -121,3 +134,34 @@ def test_public_api_is_importable_and_documented():
     for name in lg.__all__:
         obj = getattr(lg, name)
         assert obj.__doc__, name
+
+
+def test_demo_runs_the_study_tests_h1_and_writes_the_report(tmp_path):
+    args = ["demo", "--out", str(tmp_path), "--seeds", "2", "--jobs", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "report.html"
+    assert report.exists() and f"open {report}" in result.output
+    html = report.read_text()
+    assert "H1" in html and "plotly" in html
+    study = tmp_path / "study"
+    runs = lg.study.runs(study)
+    assert list(runs["status"]) == ["finished"] * 4
+    h1 = lg.load_result(study / "analysis" / "h1")
+    assert f"H1 ({h1.claim}): {h1.verdict}" in result.output
+    table = lg.study.table(study, by=["batch_size"], metrics=["test_error"])
+    for batch, row in table.iterrows():
+        line = next(
+            x for x in result.output.splitlines() if x.strip().startswith(f"{batch}:")
+        )
+        assert f"test_error {row[('test_error', 'mean')]:.4g}" in line
+    # a second call resumes: nothing is trained again
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert (lg.study.runs(study)["attempts"] == 1).all()
+
+
+def test_demo_needs_two_seeds(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--seeds", "1"])
+    assert result.exit_code == 2
+    assert "at least 2 seeds" in result.output

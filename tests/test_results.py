@@ -56,6 +56,9 @@ def _factories(problem, run_dir=None):
         "PCADirections": lambda: lg.pca_directions(obj, thetas),
         "PathResult": lambda: lg.interpolate(obj, obj.theta, theta_b),
         "ConnectResult": lambda: lg.connect(obj, obj.theta, theta_b, steps=3),
+        "NEBResult": lambda: lg.connect(
+            obj, obj.theta, theta_b, curve="neb", images=2, steps=3
+        ),
         "AlignmentResult": lambda: lg.align(
             model, other, loss_fn=nn.CrossEntropyLoss(), data=(X, y)
         ),
@@ -112,6 +115,72 @@ def _factories(problem, run_dir=None):
             ["a", "b"],
         ),
         "Score": lambda: lg.analysis.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]),
+        "PowerLawFit": lambda: lg.analysis.fit_power_law(
+            [1, 2, 4, 8, 16], [3.0, 2.1, 1.6, 1.0, 0.8], n_resamples=200
+        ),
+        "MarchenkoPasturFit": lambda: lg.theory.fit_marchenko_pastur(
+            torch.linspace(0.2, 3.0, 60, dtype=DTYPE), n_bootstrap=3
+        ),
+        "MarchenkoPasturOutliers": lambda: lg.theory.count_outliers(
+            torch.cat(
+                [torch.linspace(0.2, 3.0, 60, dtype=DTYPE), torch.tensor([30.0, 40.0])]
+            )
+        ),
+        "PacBayesResult": lambda: lg.theory.pac_bayes_bounds(
+            model,
+            nn.CrossEntropyLoss(),
+            other,
+            (X, y),
+            mc_samples=20,
+            selection_samples=2,
+            prior_sigmas=(0.01, 0.1),
+            scale_grid=(1.0, 10.0),
+            bits=(8,),
+            hessian_rank=2,
+            diagonal_matvecs=4,
+        ),
+        "SDEPath": lambda: lg.theory.simulate_sde(
+            _double_well,
+            torch.tensor([1.0, 0.0], dtype=DTYPE),
+            temperature=0.2,
+            dt=0.01,
+            steps=20,
+            chains=4,
+            record_every=5,
+        ),
+        "BasinOccupancy": lambda: lg.theory.basin_occupancy(
+            _double_well,
+            [[-1.0, 0.0], [1.0, 0.0]],
+            0.5,
+            bounds=[[-2.0, 2.0], [-2.0, 2.0]],
+            dt=0.01,
+            steps=20,
+            chains=8,
+            grid=40,
+        ),
+        "KramersRate": lambda: lg.theory.kramers_rate(
+            1.0,
+            torch.diag(torch.tensor([8.0, 1.0], dtype=DTYPE)),
+            torch.diag(torch.tensor([-4.0, 1.0], dtype=DTYPE)),
+            0.2,
+        ),
+        "EscapeRate": lambda: lg.theory.escape_rate(
+            _double_well,
+            torch.tensor([1.0, 0.0], dtype=DTYPE),
+            torch.tensor([-1.0, 0.0], dtype=DTYPE),
+            0.5,
+            dt=0.01,
+            max_time=0.5,
+            chains=8,
+        ),
+        "AdviceResult": lambda: lg.train.recommend(
+            [{"step": 0, "lr": 1.0, "train_loss": 2.3, "sharpness": 5.0}],
+            {
+                "model": {"name": "mlp"},
+                "data": {"name": "digits"},
+                "optim": {"name": "gd", "lr": 1.0},
+            },
+        ),
         "HypothesisResult": lambda: lg.analysis.HypothesisResult(
             hypothesis="H1",
             claim="c",
@@ -121,6 +190,11 @@ def _factories(problem, run_dir=None):
             data={"pairs": [["a", "b"]]},
         ),
     }
+
+
+def _double_well(theta):
+    """The zoo's double well on a batch of points ``(chains, 2)``."""
+    return (theta[:, 0] ** 2 - 1) ** 2 + 0.5 * theta[:, 1] ** 2
 
 
 def _paired():
@@ -134,7 +208,7 @@ def _public_result_types() -> set[str]:
     """Every Result subclass a user can reach from ``lossgeom``'s public modules."""
     names = set()
     modules = (lg, lg.measures, lg.geometry, lg.linalg, lg.curvature, lg.train)
-    for module in (*modules, lg.study, lg.analysis):
+    for module in (*modules, lg.theory, lg.study, lg.analysis):
         for name in getattr(module, "__all__", []):
             obj = getattr(module, name)
             if isinstance(obj, type) and issubclass(obj, Result) and obj is not Result:
@@ -163,6 +237,7 @@ def test_every_public_result_type_has_a_round_trip_case(problem):
         "PCADirections",
         "PathResult",
         "ConnectResult",
+        "NEBResult",
         "AlignmentResult",
         "SharpnessResult",
         "NoiseScaleResult",
@@ -181,6 +256,15 @@ def test_every_public_result_type_has_a_round_trip_case(problem):
         "BootstrapCI",
         "GranulatedKendall",
         "Score",
+        "PowerLawFit",
+        "MarchenkoPasturFit",
+        "MarchenkoPasturOutliers",
+        "PacBayesResult",
+        "SDEPath",
+        "BasinOccupancy",
+        "KramersRate",
+        "EscapeRate",
+        "AdviceResult",
         "HypothesisResult",
     ],
 )

@@ -3,6 +3,7 @@
 from lossgeom import _results
 from lossgeom import geometry as geometry  # subpackage: lg.geometry
 from lossgeom import measures as measures  # subpackage: lg.measures
+from lossgeom import optim as optim  # subpackage: lg.optim
 from lossgeom import testing as testing  # subpackage: lg.testing
 from lossgeom import theory as theory  # subpackage: lg.theory
 from lossgeom import train as train  # callable subpackage: lg.train(config)
@@ -31,6 +32,7 @@ from lossgeom.curvature import (
 from lossgeom.geometry import (
     AlignmentResult,
     ConnectResult,
+    NEBResult,
     PathResult,
     PCADirections,
     RayCurvature,
@@ -130,6 +132,7 @@ __all__ = [
     # landscape geometry
     "AlignmentResult",
     "ConnectResult",
+    "NEBResult",
     "PCADirections",
     "PathResult",
     "RayCurvature",

@@ -27,6 +27,7 @@ from lossgeom.analysis._hypotheses import (
 from lossgeom.analysis._predict import auroc, compare_cv_r2, cv_r2
 from lossgeom.analysis._rank import granulated_kendall, kendall
 from lossgeom.analysis._regression import regression
+from lossgeom.analysis._scaling import PowerLawFit, fit_power_law
 from lossgeom.analysis._stats import bootstrap_ci, holm, paired_test
 from lossgeom.analysis._survival import hazard_regression
 
@@ -57,4 +58,7 @@ __all__ = [
     "kendall",
     "paired_test",
     "regression",
+    # scaling laws
+    "PowerLawFit",
+    "fit_power_law",
 ]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from lossgeom.cli._advise import advise_cmd
+from lossgeom.cli._report import report_cmd
 from lossgeom.cli._study import analyze_cmd, study_app
 
 app = typer.Typer(
@@ -19,6 +21,8 @@ app = typer.Typer(
 
 app.add_typer(study_app)
 app.command("analyze")(analyze_cmd)
+app.command("advise")(advise_cmd)
+app.command("report")(report_cmd)
 
 
 @app.callback()
@@ -28,15 +32,34 @@ def _root() -> None:
 
 @app.command()
 def demo(
-    out: Path = typer.Option(
-        Path("demo-out"), "--out", help="Folder for results.json."
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Output folder."),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="Probe one small model instead (OUT/results.json and figures).",
     ),
-    steps: int = typer.Option(300, help="SGD steps of training."),
-    width: int = typer.Option(32, help="Hidden width of the MLP."),
-    seed: int = typer.Option(0, help="Seed of initialisation, batches and directions."),
-    dense: bool = typer.Option(True, help="Also compute the exact dense spectrum."),
+    seeds: int = typer.Option(3, help="Seeds per batch size of the study."),
+    jobs: int | None = typer.Option(None, help="Runs at once (default: the cores)."),
+    steps: int = typer.Option(300, help="--quick: SGD steps of training."),
+    width: int = typer.Option(32, help="--quick: hidden width of the MLP."),
+    seed: int = typer.Option(0, help="--quick: seed of initialisation and directions."),
+    dense: bool = typer.Option(True, help="--quick: also the exact dense spectrum."),
 ) -> None:
-    """Train a small MLP on sklearn digits, probe its curvature, write OUT/results.json."""
+    """Run the batch-size study and test H1; --quick probes one small MLP instead.
+
+    The study: 2 batch sizes x 3 seeds of an MLP on sklearn digits, stopped at the
+    same train loss, probed at the end; writes OUT/report.html. --quick writes
+    OUT/results.json and figures.
+    """
+    if not quick:
+        from lossgeom.cli._demo_study import format_summary, run_demo_study
+
+        try:
+            results = run_demo_study(out, seeds=seeds, jobs=jobs, progress=True)
+        except ValueError as err:
+            _fail("cannot run the demo", err, 2)
+        typer.echo(format_summary(results))
+        return
     from lossgeom.cli._demo import format_table, run_demo
 
     try:

@@ -9,6 +9,7 @@ from lossgeom.geometry._directions import (
     random_direction,
     random_directions,
 )
+from lossgeom.geometry._neb_result import NEBResult
 from lossgeom.geometry._paths import BARRIER_DEFINITION, PathResult, interpolate
 from lossgeom.geometry._permutation_graph import PermutationGroup
 from lossgeom.geometry._permutations import permutation_groups, permute_model
@@ -38,6 +39,7 @@ __all__ = [
     "interpolate",
     # mode connectivity
     "ConnectResult",
+    "NEBResult",
     "connect",
     "curve_weights",
     # permutation alignment

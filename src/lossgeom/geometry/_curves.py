@@ -11,7 +11,9 @@ curve with a few trainable control points joins them at low loss. A curve is
   (``bends=1``: the quadratic Bezier curve
   ``(1-t)^2 a + 2t(1-t) c + t^2 b``);
 * ``"polychain"``: a polygonal chain through ``bends`` bend points placed at
-  ``t = i / (bends + 1)``, linear in between (``w_k`` are hat functions).
+  ``t = i / (bends + 1)``, linear in between (``w_k`` are hat functions);
+* ``"neb"``: not a trained curve but a relaxed nudged elastic band, the
+  minimum-energy path with its saddle point (:mod:`lossgeom.geometry._neb`).
 
 :func:`connect` trains the control points by stochastic gradient descent on
 ``E_t[L(phi(t))]`` (or on a maximum over ``t``), then evaluates the curve and the
@@ -33,7 +35,6 @@ from torch import Tensor
 from lossgeom._results import CostMeter, Result, jsonable
 from lossgeom.geometry._curve_basis import (
     CURVES,
-    CurveKind,
     _check_int,
     _check_kind,
     curve_weights,
@@ -49,6 +50,7 @@ from lossgeom.objective import Objective
 
 __all__ = ["CURVES", "ConnectResult", "connect", "curve_weights"]
 
+CurveKind = Literal["bezier", "polychain", "neb"]
 _CRITERIA = ("mean", "minimax")
 _TRAIN_MODES = ("auto", "train", "eval")
 
@@ -186,8 +188,17 @@ def connect(
     chunk_size: int | None | str = "auto",
     seed: int = 0,
     eval_data: object | None = None,
+    **neb: Any,
 ) -> ConnectResult:
     """Train a low-loss curve from ``theta_a`` to ``theta_b`` (Garipov et al. 2018).
+
+    ``curve="neb"`` relaxes a nudged elastic band with a climbing image instead
+    (the minimum-energy path and its saddle point; an ``NEBResult``): the
+    options in ``**neb`` (``images``, ``spring``, ``climbing``, ``step``,
+    ``tol``, ``cycles``, ``minibatch``, ...) are those of
+    :func:`lossgeom.geometry._neb.neb`, which describes them; ``steps``,
+    ``train_mode``, ``recompute_norm``, ``log_every``, ``chunk_size``, ``seed``
+    and ``eval_data`` mean the same there.
 
     **Initialisation.** The control points start on the straight line: Bezier
     point ``k`` at ``a + k/n (b - a)`` and polychain bend ``i`` at
@@ -232,7 +243,7 @@ def connect(
         obj: the objective (model, loss, data).
         theta_a: the first end, a flat parameter vector like ``obj.theta``.
         theta_b: the second end.
-        curve: ``"bezier"`` or ``"polychain"``.
+        curve: ``"bezier"``, ``"polychain"`` or ``"neb"``.
         bends: number of trainable control points (``>= 1``).
         steps: training steps (``>= 1``).
         lr: Adam learning rate. The default suits networks in float32 whose ends
@@ -257,6 +268,7 @@ def connect(
         eval_data: a second evaluation set (data, or an :class:`Objective`) on
             which the final curve and the line are also evaluated (e.g. held-out
             data); BatchNorm statistics still come from the objective's data.
+        **neb: options of the nudged elastic band (``curve="neb"`` only).
 
     Returns:
         A :class:`ConnectResult`.
@@ -274,6 +286,37 @@ def connect(
         >>> res(0.0).tolist(), res.linear_barrier
         ([-1.0, 0.0], 1.0)
     """
+    if curve == "neb":  # imported here: the band's result builds on ConnectResult
+        from lossgeom.geometry._neb import connect_neb
+
+        curve_only = dict(
+            bends=bends,
+            lr=lr,
+            batch_size=batch_size,
+            criterion=criterion,
+            t_samples=t_samples,
+            init_noise=init_noise,
+            n_points=n_points,
+        )
+        return connect_neb(
+            obj,
+            theta_a,
+            theta_b,
+            curve_only,
+            steps=steps,
+            train_mode=train_mode,
+            recompute_norm=recompute_norm,
+            log_every=log_every,
+            chunk_size=chunk_size,
+            seed=seed,
+            eval_data=eval_data,
+            **neb,
+        )
+    if neb:
+        raise ValueError(
+            f"unexpected option(s) {sorted(neb)} for curve={curve!r}; they apply "
+            "to curve='neb' (a nudged elastic band) only."
+        )
     t_samples = _check_settings(
         curve,
         bends,
@@ -360,6 +403,12 @@ def _check_settings(
     init_noise: object,
 ) -> int:
     """Refuse bad settings of :func:`connect`; ``t_samples`` with its default."""
+    if curve not in (*CURVES, "neb"):
+        raise ValueError(
+            f"unknown curve kind {curve!r}; expected 'bezier' (Bernstein polynomial "
+            "of degree bends+1), 'polychain' (polygonal chain through the bends) "
+            "or 'neb' (nudged elastic band)."
+        )
     _check_kind(curve)
     _check_int("bends", bends, 1, "the number of trainable control points")
     _check_int("steps", steps, 1, "the number of training steps")

@@ -15,6 +15,31 @@ from lossgeom.theory._pacbayes_results import (
     PacBayesResult,
     ParameterCountBound,
 )
+from lossgeom.theory._rmt import (
+    bbp_threshold,
+    marchenko_pastur,
+    marchenko_pastur_cdf,
+    mp_edges,
+    spiked_outliers,
+)
+from lossgeom.theory._rmt_fit import fit_marchenko_pastur
+from lossgeom.theory._rmt_outliers import MarchenkoPasturOutliers, count_outliers
+from lossgeom.theory._rmt_results import MarchenkoPasturFit
+from lossgeom.theory._sde import SDEPath, sgd_temperature, simulate_sde
+from lossgeom.theory._sde_base import (
+    BatchedLoss,
+    ObjectiveLoss,
+    batched_loss,
+    hessian_at,
+)
+from lossgeom.theory._sde_basins import BasinOccupancy, basin_occupancy
+from lossgeom.theory._sde_rates import (
+    EscapeRate,
+    KramersRate,
+    escape_rate,
+    kramers_rate,
+)
+from lossgeom.theory._sde_sgd import simulate_sgd, simulate_sgd_sde
 
 __all__ = [
     # PAC-Bayes bounds on a trained classifier
@@ -33,4 +58,31 @@ __all__ = [
     # Gaussians with a structured covariance
     "StructuredCovariance",
     "gaussian_kl",
+    # random matrices: Marchenko-Pastur, spiked covariance, outliers
+    "MarchenkoPasturFit",
+    "MarchenkoPasturOutliers",
+    "bbp_threshold",
+    "count_outliers",
+    "fit_marchenko_pastur",
+    "marchenko_pastur",
+    "marchenko_pastur_cdf",
+    "mp_edges",
+    "spiked_outliers",
+    # SGD as a stochastic differential equation
+    "BatchedLoss",
+    "ObjectiveLoss",
+    "SDEPath",
+    "batched_loss",
+    "hessian_at",
+    "sgd_temperature",
+    "simulate_sde",
+    "simulate_sgd",
+    "simulate_sgd_sde",
+    # stationary measure, basins and escape rates of the SDE
+    "BasinOccupancy",
+    "EscapeRate",
+    "KramersRate",
+    "basin_occupancy",
+    "escape_rate",
+    "kramers_rate",
 ]

@@ -9,12 +9,18 @@ Lanczos) against the edge-of-stability threshold and the Hessian trace with its
 standard error to ``metrics.jsonl``; an optional curvature-adaptive step size
 ``c / lambda_max``; atomic safetensors checkpoints that resume to the same final
 weights, verified on load; one writer per run directory (an OS file lock);
-divergence recorded, not raised; a failure recorded in ``status.json``.
+divergence recorded, not raised; a failure recorded in ``status.json``; the
+training advisor (:func:`advise`, ``metrics.advice``), whose rules turn early
+probes into recommended config changes (docs/advice.md).
 """
 
 import sys
 import types
 
+from lossgeom.train._advice import Advice, AdviceResult, recommend
+from lossgeom.train._advice_base import AdviceThresholds
+from lossgeom.train._advice_rules import RULES
+from lossgeom.train._advise import advise
 from lossgeom.train._batches import augment
 from lossgeom.train._build import HalfSquaredError, build_model
 from lossgeom.train._callbacks import Callback, TrainState
@@ -78,6 +84,13 @@ __all__ = [
     # callbacks
     "Callback",
     "TrainState",
+    # advice
+    "RULES",
+    "Advice",
+    "AdviceResult",
+    "AdviceThresholds",
+    "advise",
+    "recommend",
     # run directories
     "DamagedFileError",
     "MetricsLog",

@@ -188,7 +188,7 @@ def build_state(
         config=cfg,
         run_dir=run_dir,
         model=model,
-        optimizer=_optimizer(cfg, model.parameters()),
+        optimizer=_optimizer(cfg, model),
         loss_fn=loss_fn,
         objective=Objective(model, loss_fn, probe_set, mode=metrics.probe_mode),
         train_data=(X, y),
@@ -334,8 +334,28 @@ def _enable_checkpointing(model: nn.Module) -> int:
     return len(container)
 
 
-def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
+    if o.name == "kfac":  # hooks the model's layers (lossgeom.optim.KFAC)
+        from lossgeom.optim import KFAC
+        from lossgeom.train._config import KFACConfig
+
+        k = o.kfac or KFACConfig()
+        return KFAC(
+            model,
+            lr=o.lr,
+            loss=cfg.loss,
+            fisher=k.fisher,
+            damping=k.damping,
+            factor_decay=k.factor_decay,
+            cov_every=k.cov_every,
+            inv_every=k.inv_every,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            weight_decay=o.weight_decay,
+            seed=cfg.seed,
+        )
+    params = model.parameters()
     if o.name in ("gd", "sgd"):
         return torch.optim.SGD(
             params,

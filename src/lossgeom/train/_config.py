@@ -157,17 +157,25 @@ class AdaptiveConfig(_Strict):
     max_lr: PositiveFloat = 10.0
 
 
+class KFACConfig(_Strict):
+    """K-FAC's options, those of ``lossgeom.optim.KFAC`` (docs/training.md, "K-FAC")."""
+
+    damping: PositiveFloat = 0.03
+    factor_decay: Annotated[Float, Field(ge=0, lt=1)] = 0.95
+    cov_every: PositiveInt = 1
+    inv_every: PositiveInt = 10
+    fisher: Literal["mc", "ggn", "empirical"] = "mc"
+
+
 class OptimConfig(_Strict):
     """The optimizer.
 
     Attributes:
         name: ``gd`` (full-batch gradient descent; ``batch_size`` is ignored),
-            ``sgd``, ``adam`` or ``adamw``.
+            ``sgd``, ``adam``, ``adamw`` or ``kfac`` (its options: ``kfac``).
         lr: base step size.
-        momentum: heavy-ball momentum of ``gd``/``sgd`` (PyTorch's form).
-        nesterov: Nesterov momentum (needs ``momentum > 0``).
-        betas: Adam's moment decay rates.
-        eps: Adam's denominator offset.
+        momentum, nesterov: heavy-ball (PyTorch's form), Nesterov; of gd, sgd, kfac.
+        betas, eps: Adam's moment decay rates and denominator offset.
         weight_decay: L2 penalty (``adamw``: decoupled).
         adaptive: curvature-adaptive step size; ``None``: off.
         noise: the noise of ``sgd``'s steps: ``sgd``, the minibatch gradient's own;
@@ -177,7 +185,7 @@ class OptimConfig(_Strict):
             full-batch gradient per step; single-process training only).
     """
 
-    name: Literal["gd", "sgd", "adam", "adamw"] = "sgd"
+    name: Literal["gd", "sgd", "adam", "adamw", "kfac"] = "sgd"
     lr: PositiveFloat = 0.1
     momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     nesterov: Bool = False
@@ -187,6 +195,7 @@ class OptimConfig(_Strict):
     eps: PositiveFloat = 1e-8
     weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     adaptive: AdaptiveConfig | None = None
+    kfac: KFACConfig | None = None
     noise: Literal["sgd", "isotropic"] = "sgd"
 
     @model_validator(mode="after")
@@ -197,11 +206,13 @@ class OptimConfig(_Strict):
                 f"{self.name!r}. Use optim.name: sgd with a batch_size smaller "
                 "than the training set."
             )
+        if self.kfac is not None and self.name != "kfac":
+            raise ValueError(f"a kfac section needs name: kfac; got {self.name!r}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0 (e.g. momentum: 0.9)")
         if self.name in ("adam", "adamw") and (self.momentum or self.nesterov):
             raise ValueError(
-                f"momentum/nesterov are options of gd and sgd; {self.name} uses betas"
+                f"momentum/nesterov: options of gd, sgd, kfac; {self.name} uses betas"
             )
         if self.adaptive is not None and self.name not in ("gd", "sgd"):
             raise ValueError(
@@ -342,6 +353,9 @@ class MetricsConfig(_Strict):
         measures: further measures by name (sharpness, gradient noise, ...),
             each writing ``<name>``, ``<name>_stderr`` and ``<name>_seconds``.
         update_dimension: track the effective dimension of recent updates.
+        advice: the training advisor (docs/advice.md): each row gets ``advice``
+            (the ids of the rules that fire on the rows so far) and
+            ``advice_count``; the recommendations go to ``<run_dir>/advice/``.
     """
 
     every: PositiveInt = 50
@@ -354,10 +368,17 @@ class MetricsConfig(_Strict):
     trace_max_matvecs: Annotated[Int, Field(ge=0)] = 0
     measures: list[MeasureConfig] = Field(default_factory=list)
     update_dimension: UpdateDimensionConfig | None = None
+    advice: Bool = False
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> MetricsConfig:
         columns = [m.column for m in self.measures]
+        taken = sorted({"advice", "advice_count"} & set(columns)) if self.advice else []
+        if taken:
+            raise ValueError(
+                f"measure column {taken} is written by the advisor (advice: true); "
+                "give the measure another key."
+            )
         twice = sorted({c for c in columns if columns.count(c) > 1})
         if twice:
             raise ValueError(

@@ -17,6 +17,7 @@ from torch import nn
 from lossgeom._results import Cost, Result, jsonable
 from lossgeom.curvature import hessian
 from lossgeom.objective import NonFiniteError
+from lossgeom.train._advice import Advice
 from lossgeom.train._batches import training_batch
 from lossgeom.train._build import (
     build_model,
@@ -337,6 +338,8 @@ def _probe_callbacks(state: TrainState, sharpness: Sharpness | None) -> list[Cal
         found.append(Measures(m.measures, cfg.seed))
     if m.update_dimension is not None:
         found.append(UpdateDimension(m.update_dimension))
+    if m.advice:
+        found.append(Advice())
     return [*found, *trackers]
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lossgeom.curvature.spectra import eigenvalues, trace
 from lossgeom.linalg import SymmetricOperator
 from lossgeom.objective import LossReduction, Objective, resolve_reduction
+from lossgeom.optim import KFAC
 from lossgeom.train._build import subset
 from lossgeom.train._callbacks import Callback, TrainState
 from lossgeom.train._config import MetricsConfig, OptimConfig
@@ -44,7 +45,10 @@ def stability_threshold(optim: OptimConfig, lr: float) -> tuple[float, str]:
     polynomial at -1). For Adam the quantity is the *preconditioned* sharpness
     ``lambda_max(P^-1 H)``, ``P = diag(sqrt(v_hat) + eps) / eta``'s shape, compared
     with ``(2 + 2 beta_1) / ((1 - beta_1) eta)`` (Cohen et al. 2022, "Adaptive
-    gradient methods at the edge of stability").
+    gradient methods at the edge of stability"). K-FAC's step is SGD's on the
+    preconditioned problem, so its threshold is SGD's (with its momentum),
+    compared with ``lambda_max(P^-1 H)`` for K-FAC's damped Kronecker-factored
+    curvature ``P``.
 
     Args:
         optim: the optimizer config.
@@ -203,7 +207,7 @@ class Sharpness(Callback):
     Columns: ``sharpness`` (warm-started from the last measurement), its
     ``_residual``, ``_converged`` and ``_matvecs``; ``eos_threshold`` and
     ``eos_formula`` (:func:`stability_threshold` at the row's ``lr``);
-    ``eos_ratio``, which for Adam compares ``preconditioned_sharpness``
+    ``eos_ratio``, which for Adam and K-FAC compares ``preconditioned_sharpness``
     (``lambda_max(P^-1 H)``, from the first update on) instead.
 
     Attributes:
@@ -228,15 +232,17 @@ class Sharpness(Callback):
         threshold, formula = stability_threshold(self.optim, state.lr)
         row["eos_threshold"] = threshold
         row["eos_formula"] = formula
-        if self.optim.name not in ("adam", "adamw"):
+        if self.optim.name not in ("adam", "adamw", "kfac"):
             row["eos_ratio"] = top.value / threshold
             return
-        scale = _adam_scale(state.objective, state.optimizer)
-        if scale is not None:
-            # lambda_max(P^-1 H) = lambda_max(P^-1/2 H P^-1/2), symmetric
-            pre = top_eigenpair(
-                _Preconditioned(state.hessian, scale), self.metrics, seed
-            )
+        # lambda_max(P^-1 H) = lambda_max(P^-1/2 H P^-1/2), symmetric
+        if isinstance(state.optimizer, KFAC):
+            op = _KFACPreconditioned.of(state.hessian, state.objective, state.optimizer)
+        else:
+            scale = _adam_scale(state.objective, state.optimizer)
+            op = None if scale is None else _Preconditioned(state.hessian, scale)
+        if op is not None:
+            pre = top_eigenpair(op, self.metrics, seed)
             row["preconditioned_sharpness"] = pre.value
             row["eos_ratio"] = pre.value / threshold
 
@@ -266,6 +272,44 @@ class _Preconditioned(SymmetricOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.scale * (self.op @ (self.scale * V))
+
+
+class _KFACPreconditioned(SymmetricOperator):
+    """``P^-1/2 H P^-1/2`` for K-FAC's damped blockwise curvature ``P``."""
+
+    def __init__(self, op: SymmetricOperator, objective: Objective, kfac: KFAC):
+        super().__init__(op.shape[0], op.dtype, op.device)
+        self.op, self.kfac = op, kfac
+        params = dict(objective.model.named_parameters())
+        position = {p: i for i, p in enumerate(kfac.param_groups[0]["params"])}
+        self.where = [position.get(params[name]) for name in objective.names]
+        self.shapes = [params[name].shape for name in objective.names]
+
+    @classmethod
+    def of(cls, op, objective, kfac: KFAC) -> _KFACPreconditioned | None:
+        """The operator, or ``None`` before K-FAC's first curvature."""
+        return cls(op, objective, kfac) if kfac.has_curvature else None
+
+    def _root(self, V: Tensor) -> Tensor:
+        """``P^-1/2`` on the columns of ``V`` (objective order)."""
+        k = V.shape[1]
+        params = self.kfac.param_groups[0]["params"]
+        pieces = V.T.split([s.numel() for s in self.shapes], dim=1)
+        given = [
+            torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) for p in params
+        ]
+        for piece, i, shape in zip(pieces, self.where, self.shapes, strict=True):
+            if i is not None:
+                given[i] = piece.reshape(k, *shape).to(given[i].dtype)
+        done = self.kfac.precondition(given, power=-0.5)
+        out = [
+            pieces[j] if i is None else done[i].reshape(k, -1).to(V.dtype)
+            for j, i in enumerate(self.where)
+        ]
+        return torch.cat(out, dim=1).T
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._root(self.op @ self._root(V))
 
 
 def _adam_scale(

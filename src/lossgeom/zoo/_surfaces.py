@@ -58,8 +58,53 @@ def sharp_flat(
     )
 
 
+# Mueller & Brown (1979), Theor. Chim. Acta 53, 75, footnote 7: four Gaussians
+# A_k exp(a_k dx^2 + b_k dx dy + c_k dy^2), dx = x - x0_k, dy = y - y0_k.
+_MB_A = (-200.0, -100.0, -170.0, 15.0)
+_MB_a = (-1.0, -1.0, -6.5, 0.7)
+_MB_b = (0.0, 0.0, 11.0, 0.6)
+_MB_c = (-10.0, -10.0, -6.5, 0.7)
+_MB_x0 = (1.0, 0.0, -0.5, -1.0)
+_MB_y0 = (0.0, 0.5, 1.5, 1.0)
+
+
+def mueller_brown(w: Tensor, *, scale: float = 1.0) -> Tensor:
+    """The Mueller-Brown potential (Mueller & Brown 1979), times ``scale``.
+
+    ``sum_k A_k exp(a_k dx^2 + b_k dx dy + c_k dy^2)`` with ``dx = w1 - x0_k``,
+    ``dy = w2 - y0_k`` and ``A = (-200, -100, -170, 15)``,
+    ``a = (-1, -1, -6.5, 0.7)``, ``b = (0, 0, 11, 0.6)``,
+    ``c = (-10, -10, -6.5, 0.7)``, ``x0 = (1, 0, -0.5, -1)``,
+    ``y0 = (0, 0.5, 1.5, 1)``. Three minima joined by a curved path through two
+    saddles. Stationary points at ``scale=1`` (Newton's method on the gradient
+    in float64, gradient norm below 1e-12; the published values, to three
+    decimals, agree):
+
+    ========  ========================  ========================  ===============
+    point     w1                        w2                        loss
+    ========  ========================  ========================  ===============
+    min A     -0.558223634633           1.441725841805            -146.699517210
+    min B     0.623499404931            0.028037758529            -108.166724117
+    min C     -0.050010822998           0.466694104872            -80.767818130
+    saddle 1  -0.822001558733           0.624312802815            -40.664843509
+    saddle 2  0.212486582001            0.292988325107            -72.248940112
+    ========  ========================  ========================  ===============
+
+    The minimum-energy path runs A - saddle 1 - C - saddle 2 - B; the Hessian's
+    eigenvalues are about -751 and 490 at saddle 1, -735 and 511 at saddle 2.
+    """
+    dtype, device = w.dtype, w.device
+    A, a, b, c, x0, y0 = (
+        torch.tensor(v, dtype=dtype, device=device)
+        for v in (_MB_A, _MB_a, _MB_b, _MB_c, _MB_x0, _MB_y0)
+    )
+    dx, dy = w[0] - x0, w[1] - y0
+    return scale * (A * torch.exp(a * dx**2 + b * dx * dy + c * dy**2)).sum()
+
+
 SURFACES: dict[str, Callable[..., Tensor]] = {
     "double_well": double_well,
+    "mueller_brown": mueller_brown,
     "rosenbrock": rosenbrock,
     "sharp_flat": sharp_flat,
 }
@@ -94,7 +139,8 @@ def surface(
     """A closed-form two-parameter loss as ``(model, loss_fn, data)``.
 
     Args:
-        name: ``double_well``, ``rosenbrock`` or ``sharp_flat``.
+        name: ``double_well``, ``mueller_brown``, ``rosenbrock`` or
+            ``sharp_flat``.
         start: the initial ``w``.
         dtype: of ``w`` (float64 by default: the closed forms are exact).
         **options: the surface's constants (see each function).
