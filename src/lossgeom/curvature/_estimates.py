@@ -10,6 +10,7 @@ from lossgeom.curvature._spectral import as_operator
 from lossgeom.linalg import SymmetricOperator
 from lossgeom.linalg.diagonal import DiagonalResult, diagonal_estimate
 from lossgeom.linalg.lanczos import EigenResult, Which, lanczos, power_iteration
+from lossgeom.linalg.lobpcg import lobpcg
 from lossgeom.linalg.trace import TraceResult, trace_estimate
 from lossgeom.objective import Objective
 
@@ -24,7 +25,7 @@ def eigenvalues(
     tol: float = 1e-6,
     max_matvecs: int | None = None,
     seed: int = 0,
-    method: Literal["lanczos", "power"] = "lanczos",
+    method: Literal["lanczos", "power", "lobpcg"] = "lanczos",
     block_size: int | None = None,
     v0: Tensor | None = None,
     verify: bool = True,
@@ -34,7 +35,9 @@ def eigenvalues(
 
     ``method="lanczos"`` (default) is restarted block Lanczos with full
     reorthogonalisation (:func:`lossgeom.linalg.lanczos`); ``method="power"`` is
-    deflated power iteration by magnitude, kept to compare with the literature.
+    deflated power iteration by magnitude, kept to compare with the literature;
+    ``method="lobpcg"`` is LOBPCG without preconditioner
+    (:func:`lossgeom.linalg.lobpcg`, ``which="largest"`` or ``"smallest"``).
     Pass ``v0=previous.vectors`` to warm-start when tracking during training.
 
     Args:
@@ -44,8 +47,8 @@ def eigenvalues(
         tol: relative residual tolerance.
         max_matvecs: budget of products.
         seed: seed of the start vectors.
-        method: ``"lanczos"`` or ``"power"``.
-        block_size: Lanczos block size (finds multiplicities up to it).
+        method: ``"lanczos"``, ``"power"`` or ``"lobpcg"``.
+        block_size: Lanczos or LOBPCG block size (finds multiplicities up to it).
         v0: warm-start vectors ``(d, j)``.
         verify: search the deflated operator once more for a missed eigenvalue
             (a further copy of a repeated one); turn off for cheap tracking.
@@ -77,7 +80,19 @@ def eigenvalues(
                 "which='magnitude' (or use method='lanczos')."
             )
         return power_iteration(operator, k, tol=tol, max_matvecs=max_matvecs, seed=seed)
-    raise ValueError(f"method must be 'lanczos' or 'power'; got {method!r}.")
+    if method == "lobpcg":  # its residuals are always explicit
+        return lobpcg(
+            operator,
+            k,
+            which=which,  # type: ignore[arg-type] - lobpcg refuses the others
+            tol=tol,
+            max_matvecs=max_matvecs,
+            seed=seed,
+            block_size=block_size,
+            v0=v0,
+            verify=verify,
+        )
+    raise ValueError(f"method must be 'lanczos', 'power' or 'lobpcg'; got {method!r}.")
 
 
 def trace(

@@ -15,6 +15,7 @@ from lossgeom.linalg.density import (
 )
 from lossgeom.linalg.diagonal import DiagonalResult, diagonal_estimate
 from lossgeom.linalg.lanczos import EigenResult, lanczos, power_iteration
+from lossgeom.linalg.lobpcg import lobpcg
 from lossgeom.linalg.projections import (
     DenseProjection,
     FastfoodProjection,
@@ -35,6 +36,7 @@ __all__ = [
     # eigenvalues
     "EigenResult",
     "lanczos",
+    "lobpcg",
     "power_iteration",
     # trace and diagonal
     "DiagonalResult",

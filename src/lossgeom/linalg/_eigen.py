@@ -40,7 +40,7 @@ class EigenResult(Result):
         residuals: ``||A u_i - lambda_i u_i||`` for each pair, computed explicitly
             (or, with ``explicit_residuals=False``, from the Lanczos relation).
         converged: ``residuals <= tol * spectral_scale`` per pair.
-        method: ``"lanczos"`` or ``"power"``.
+        method: ``"lanczos"``, ``"power"`` or ``"lobpcg"``.
         which: which end of the spectrum.
         tol: the relative residual tolerance.
         spectral_scale: the largest absolute Ritz value seen (an estimate of
