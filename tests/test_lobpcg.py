@@ -119,11 +119,40 @@ def test_small_space_and_ill_conditioned_spectrum():
     assert res.all_converged
     assert_close_spectrum(res.values, eigs[:3], 1e8)
     # a 20-dimensional null space under a 1e8 top: guard vectors (block_size 5)
-    # converge in 32 iterations; verify=False: the shared verification search
-    # (Lanczos' too) diverges on this operator at this end, adding spurious pairs
+    # converge in 32 iterations
     diag = DenseOperator(torch.diag(eigs))
     diag = lobpcg(diag, 3, which="smallest", tol=1e-12, verify=False, block_size=5)
     assert diag.all_converged and bool((diag.values.abs() <= 1e-3).all())
+
+
+@pytest.mark.parametrize("method", ["lanczos", "lobpcg"])
+def test_the_verification_search_keeps_its_certificates_on_a_null_space(method):
+    """The search adds copies of the null space; what it reports stays true.
+
+    Every pair flagged converged has a true eigenvalue within its residual, and
+    no value leaves the spectrum (the search once grew its own scale by the
+    deflation's shift each round and returned values near -1e14 flagged
+    converged).
+    """
+    eigs = torch.cat(
+        [
+            torch.tensor([1e8, 1e4, 1.0], dtype=DTYPE),
+            torch.logspace(-8, -1, 97, dtype=DTYPE),
+            torch.zeros(20, dtype=DTYPE),
+        ]
+    )
+    op = DenseOperator(torch.diag(eigs))
+    res = lg.eigenvalues(op, 3, which="smallest", tol=1e-12, method=method)
+    assert res.spectral_scale <= 1.01e8
+    assert bool((res.values >= -1e-6).all()) and bool((res.values <= 1e-3).all())
+    for value, r, ok in zip(res.values, res.residuals, res.converged, strict=True):
+        gap = float((eigs - value).abs().min())
+        assert gap <= float(r) * (1 + 1e-9) + 1e-12, (method, value, r)
+        if ok:
+            assert float(r) <= 1e-12 * res.spectral_scale * (1 + 1e-9)
+    # the vectors stay orthonormal
+    gram = res.vectors.T @ res.vectors
+    assert torch.allclose(gram, torch.eye(3, dtype=DTYPE), atol=1e-8)
 
 
 def test_warm_start_needs_fewer_products():

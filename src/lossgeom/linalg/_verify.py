@@ -70,7 +70,9 @@ class _Search:
             stop=stop,
         )
         self.used += out.cost.matvecs
-        self.scale = max(self.scale, out.spectral_scale)
+        # the deflated operator's own scale includes the artificial shift; the
+        # scale of ``A`` grows only by the wanted Ritz values it shows
+        self.scale = max(self.scale, float(out.values.abs().max()))
         return out
 
 
@@ -142,11 +144,18 @@ def verify(
         missed = _missed(op, search, values, vectors)
         if missed is None:
             break
-        # a missed eigenvalue (e.g. another copy of a repeated one): add it
-        theta, u = missed
-        found += 1
-        r = (apply_checked(op, u) - u * theta).norm(dim=0)
+        # a missed eigenvalue (e.g. another copy of a repeated one): add it,
+        # orthogonal to the found vectors (the deflated search keeps it so only
+        # to rounding, which the shift would amplify), with its Rayleigh quotient
+        _, u = missed
+        for _ in range(2):
+            u = u - vectors @ (vectors.T @ u)
+        u = u / u.norm()
+        Au = apply_checked(op, u)
+        theta = (u.T @ Au).reshape(1)
+        r = (Au - u * theta).norm(dim=0)
         search.used += 1
+        found += 1
         values = torch.cat([values, theta])
         vectors = torch.cat([vectors, u], 1)
         residuals = torch.cat([residuals, r.to(residuals.dtype)])
