@@ -43,6 +43,20 @@ COLUMNS = [
 ]
 
 
+def _why(proc) -> str:
+    """The ranks' own error lines (the command's ``kind: message``), then the tail."""
+    text = proc.stdout + proc.stderr
+    said = [
+        line
+        for line in text.splitlines()
+        if not line.lstrip().startswith(
+            ("[rank", "File ", "Traceback", "W1", "E1", "I1")
+        )
+        and ("Error" in line or ": " in line and not line.startswith(" "))
+    ]
+    return "\n".join(said[-30:]) + "\n...\n" + text[-3000:]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of the 2 ranks of tests/_ddp_train_worker.py saw, and its folder."""
@@ -66,7 +80,7 @@ def ranks(tmp_path_factory):
         str(out),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, _why(proc)
     seen = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     return seen, out
 
