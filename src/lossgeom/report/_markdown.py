@@ -29,22 +29,11 @@ from lossgeom.report._document import (
     Text,
 )
 from lossgeom.report._landscape import plot_paths, plot_slice, plot_surface
+from lossgeom.report._plotly import COLORS
 from lossgeom.report._spectra import plot_density
 
 __all__ = ["figures_folder", "write_markdown"]
 
-_COLORS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-)
 _STYLE = {"solid": "-", "dot": ":", "dash": "--"}
 DPI = 110
 
@@ -58,7 +47,7 @@ def _curves(c: Curves) -> Any:
     fig = new_figure((6.4, 3.8))
     ax = fig.add_subplot(111)
     for s in c.series:
-        col = "0.15" if s.group < 0 else _COLORS[s.group % len(_COLORS)]
+        col = "0.15" if s.group < 0 else COLORS[s.group % len(COLORS)]
         x, y = array(s.x), array(s.y)
         ax.plot(x, y, _STYLE.get(s.dash, "-"), color=col, lw=1.4, label=s.label)
         if s.lo is not None and s.hi is not None:
