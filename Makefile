@@ -58,8 +58,11 @@ bench: $(PEERS_STAMP)
 	$(PY) benchmarks/slices.py
 	$(PY) benchmarks/gradient_noise.py
 	$(PY) benchmarks/train_callbacks.py
+	$(PY) benchmarks/cost_curve.py
+	$(PY) benchmarks/plot_cost_curve.py
 	$(PY) benchmarks/study.py
 	$(PY) benchmarks/kfac.py
+	$(PY) benchmarks/speed_table.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

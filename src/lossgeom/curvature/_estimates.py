@@ -30,6 +30,7 @@ def eigenvalues(
     v0: Tensor | None = None,
     verify: bool = True,
     explicit_residuals: bool = True,
+    criterion: Literal["residual", "value"] = "residual",
 ) -> EigenResult:
     """Extreme eigenvalues with residual certificates.
 
@@ -52,8 +53,12 @@ def eigenvalues(
         v0: warm-start vectors ``(d, j)``.
         verify: search the deflated operator once more for a missed eigenvalue
             (a further copy of a repeated one); turn off for cheap tracking.
-        explicit_residuals: recompute the residuals with ``k`` more products
-            (default); ``False`` takes them from the Lanczos relation.
+        explicit_residuals: recompute the residuals from the products (default;
+            Lanczos keeps ``A Q`` for that when it fits, else spends ``k`` more
+            products); ``False`` takes them from the Lanczos relation.
+        criterion: what ``tol`` bounds (Lanczos): the residual (default) or the
+            eigenvalue's error bound ``min(r, r^2 / gap)`` (``"value"``: far
+            fewer products when only the eigenvalues matter).
 
     Returns:
         :class:`~lossgeom.linalg.lanczos.EigenResult` with ``values``,
@@ -72,6 +77,7 @@ def eigenvalues(
             v0=v0,
             verify=verify,
             explicit_residuals=explicit_residuals,
+            criterion=criterion,
         )
     if method == "power":
         if which != "magnitude":

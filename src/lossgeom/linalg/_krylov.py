@@ -15,10 +15,23 @@ import torch
 from torch import Tensor
 
 from lossgeom._results import Cost
-from lossgeom.linalg._eigen import EigenResult, Which, _check_args, _key
+from lossgeom.linalg._eigen import (
+    _CRITERIA,
+    Criterion,
+    EigenResult,
+    Which,
+    _check_args,
+    _key,
+    gap_bounds,
+)
 from lossgeom.linalg._operator import SymmetricOperator, apply_checked, product_eps
 
 __all__ = ["_lanczos_core", "_lanczos_result"]
+
+# Explicit residuals come from the products already made, ``(A Q) s``, when
+# keeping ``A Q`` beside ``Q`` costs at most this many bytes; larger bases
+# recompute ``A u`` for the k returned vectors instead (k more products).
+_KEEP_PRODUCTS_BYTES = 2**28
 
 # ``stop(theta, residuals)`` of the wanted Ritz pairs ends a run early when true.
 Stop = Callable[[Tensor, Tensor], bool]
@@ -182,11 +195,15 @@ class _Krylov:
         X: Tensor,
         gen: torch.Generator,
         check_symmetry: bool,
+        keep_products: bool = False,
     ):
         d, device = op.shape[0], op.device
         self.op, self.gen, self.check_symmetry = op, gen, check_symmetry
         self.eps = torch.finfo(op.dtype).eps
         self.Q = X.new_zeros(d, 0)
+        # A Q as multiplied (None: not kept), for explicit residuals without
+        # further products; see _KEEP_PRODUCTS_BYTES
+        self.AQ: Tensor | None = X.new_zeros(d, 0) if keep_products else None
         self.Qn, _ = _orth_refill(X, self.Q, gen, 1e3 * self.eps)
         self.n_mv = 0
         # the coupling of the first expansion, for the symmetry test
@@ -207,6 +224,8 @@ class _Krylov:
         op, d, dtype, device = self.op, self.op.shape[0], self.op.dtype, self.op.device
         Qn = self.Qn
         W = apply_checked(op, Qn)
+        if self.AQ is not None:
+            self.AQ = torch.cat([self.AQ, W], 1)
         self.n_mv += Qn.shape[1]
         size = float(W.norm(dim=0).max())  # ||A q||, for the symmetry test
         Q = torch.cat([self.Q, Qn], 1)
@@ -256,6 +275,8 @@ class _Krylov:
         extra = max(0, min(room - wanted, max(wanted, 2 * b)))
         keep = _select(theta, wanted, which, extra=extra)[: max(room, 1)]
         self.Q = self.Q @ S[:, keep].to(self.op.dtype)
+        if self.AQ is not None:
+            self.AQ = self.AQ @ S[:, keep].to(self.op.dtype)
         self.T = torch.diag(theta[keep])
         self.restarts += 1
 
@@ -274,12 +295,22 @@ def _lanczos_core(
     check_symmetry: bool = True,
     stop: Stop | None = None,
     explicit: bool = True,
+    criterion: Criterion = "residual",
 ) -> EigenResult:
     start = time.perf_counter()
     wanted, b, m_max, budget = _sizes(op, k, which, tol, block_size, ncv, max_matvecs)
+    if criterion not in _CRITERIA:
+        raise ValueError(
+            f"criterion must be one of {_CRITERIA} (what tol bounds: the residual "
+            f"or the eigenvalue's error); got {criterion!r}."
+        )
     gen = torch.Generator(device=op.device).manual_seed(seed)
-    krylov = _Krylov(op, _start_block(op, b, v0, gen), gen, check_symmetry)
+    keep = explicit and op.shape[0] * m_max * op.dtype.itemsize <= _KEEP_PRODUCTS_BYTES
+    krylov = _Krylov(op, _start_block(op, b, v0, gen), gen, check_symmetry, keep)
     scale = 0.0
+    lo, hi = math.inf, -math.inf  # the range of Ritz values seen
+    best = (math.inf, 0)  # the smallest relative error measure, and when
+    eps, stopped = product_eps(op), ""
 
     while True:
         if krylov.can_expand(m_max, budget):
@@ -288,34 +319,67 @@ def _lanczos_core(
         # Rayleigh-Ritz on the projected matrix (small: at most ncv x ncv)
         theta, S = torch.linalg.eigh(krylov.T)
         scale = max(scale, float(theta.abs().max()))
+        lo, hi = min(lo, float(theta.min())), max(hi, float(theta.max()))
         res = krylov.ritz_residuals(theta, S)
         if theta.numel() >= wanted:
             idx = _select(theta, wanted, which)
-            done = bool((res[idx] <= tol * max(scale, 1e-300)).all())
+            err = (
+                res[idx]
+                if criterion == "residual"
+                else _bounds(theta, res, idx, 2 * product_eps(op) * scale)
+            )
+            done = bool((err <= tol * max(scale, 1e-300)).all())
+            worst_err = float(err.max()) / max(scale, 1e-300)
+            if worst_err <= 0.5 * best[0]:
+                best = (worst_err, krylov.n_mv)
+            stopped = _why_stop(krylov, done, budget, best, m_max, eps, worst_err)
             if stop is not None and stop(theta[idx], res[idx]):
-                break
-            if done or krylov.n_mv >= budget or krylov.Qn.shape[1] == 0:
+                stopped = "the caller's stop rule"
+            if stopped:
                 break
         elif krylov.n_mv >= budget or krylov.Qn.shape[1] == 0:
             idx = _select(theta, theta.numel(), "largest")
+            stopped = "budget spent" if krylov.n_mv >= budget else "space exhausted"
             break
         if krylov.Q.shape[1] + krylov.Qn.shape[1] > m_max:
             krylov.restart(theta, S, wanted, which, b, m_max)
 
     values = theta[idx]
     vectors = krylov.Q @ S[:, idx].to(op.dtype)
-    vectors = vectors / vectors.norm(dim=0)
-    if explicit:
+    norms = vectors.norm(dim=0)
+    vectors = vectors / norms
+    if explicit and krylov.AQ is not None and krylov.AQ.shape[1] == S.shape[0]:
+        # the products already made, combined: A (Q s) = (A Q) s
+        AV = (krylov.AQ @ S[:, idx].to(op.dtype)) / norms
+        residuals = (AV - vectors * values.to(op.dtype)).norm(dim=0).double()
+    elif explicit:
         AV = op @ vectors
         krylov.n_mv += vectors.shape[1]
         residuals = (AV - vectors * values.to(op.dtype)).norm(dim=0).double()
     else:  # from the Lanczos relation A Q = Q T + Q_next B E^T
         residuals = res[idx].double()
+    rest = torch.ones(theta.numel(), dtype=torch.bool, device=theta.device)
+    rest[idx] = False
+    others, other_res = theta[rest], res[rest]
     values = values.to(op.dtype)
     order = torch.argsort(
         _key(values, "largest" if which == "both" else which), descending=True
     )
     values, vectors, residuals = values[order], vectors[:, order], residuals[order]
+    if explicit and stopped == "tolerance met":
+        judged = residuals if criterion == "residual" else None
+        if judged is None:
+            judged = gap_bounds(
+                values, residuals, theta[rest], res[rest], 2 * eps * scale
+            )
+        worst = float(judged.max()) / max(scale, 1e-300)
+        if worst > tol:  # the relation said yes, the explicit products say no
+            stopped = (
+                "rounding floor: the Lanczos relation met tol but the explicit "
+                f"residuals give {worst:.1e} of the spectral scale, near the "
+                f"products' precision (eps = {eps:.1e}); ask for a larger tol, "
+                "criterion='value' (eigenvalue error bounds), or compute in float64"
+            )
     return _lanczos_result(
         values,
         vectors,
@@ -326,13 +390,68 @@ def _lanczos_core(
         matvecs=krylov.n_mv,
         start=start,
         n_restarts=krylov.restarts,
+        criterion=criterion,
+        others=(others, other_res),
+        eps=product_eps(op),
         details={
             "block_size": b,
             "ncv": m_max,
             "budget": budget,
             "residuals": "explicit" if explicit else "from the Lanczos relation",
+            "ritz_range": [lo, hi],
+            "stopped": stopped,
+            "value_floor": 2 * product_eps(op),  # of error_bounds / scale
+            # the last Krylov space's other Ritz pairs: the gaps of error_bounds
+            "other_ritz_values": others.tolist(),
+            "other_ritz_residuals": other_res.tolist(),
         },
     )
+
+
+# Residuals (relative to the scale) below this many rounding units of the
+# products are at the floor float arithmetic allows: measured 5-20 for float32
+# Hessians of small networks, where a further product no longer lowers them.
+_FLOOR_UNITS = 100.0
+
+
+def _why_stop(
+    krylov: _Krylov,
+    done: bool,
+    budget: int,
+    best: tuple[float, int],
+    m_max: int,
+    eps: float,
+    worst: float,
+) -> str:
+    """Why the run ends now (``""``: it goes on).
+
+    Besides the tolerance, the budget and an exhausted space, a run stops at the
+    rounding floor: its worst error measure has not halved for two basis lengths
+    of products and lies within ``_FLOOR_UNITS`` rounding units of the products,
+    where more products cannot help (the result then says so rather than
+    spending the whole budget).
+    """
+    if done:
+        return "tolerance met"
+    if krylov.n_mv >= budget:
+        return "budget spent"
+    if krylov.Qn.shape[1] == 0:
+        return "space exhausted"
+    if krylov.n_mv - best[1] > 2 * m_max and worst <= _FLOOR_UNITS * eps:
+        return (
+            f"rounding floor: the worst error measure stalled at {worst:.1e} of "
+            f"the spectral scale, near the products' precision (eps = {eps:.1e}); "
+            "ask for a larger tol, criterion='value' (eigenvalue error bounds), "
+            "or compute in float64"
+        )
+    return ""
+
+
+def _bounds(theta: Tensor, res: Tensor, idx: Tensor, floor: float) -> Tensor:
+    """:func:`gap_bounds` of the Ritz pairs ``idx`` against all other Ritz pairs."""
+    rest = torch.ones(theta.numel(), dtype=torch.bool, device=theta.device)
+    rest[idx] = False
+    return gap_bounds(theta[idx], res[idx], theta[rest], res[rest], floor)
 
 
 def _lanczos_result(
@@ -347,17 +466,29 @@ def _lanczos_result(
     start: float,
     n_restarts: int,
     details: dict,
+    criterion: Criterion = "residual",
+    others: tuple[Tensor, Tensor] | None = None,
+    eps: float = 0.0,
 ) -> EigenResult:
     """An :class:`EigenResult` of Lanczos, judged converged on ``residuals`` as given.
 
     ``residuals`` are reported in the dtype of ``values``; ``start`` is when the
-    run began (``time.perf_counter()``).
+    run began (``time.perf_counter()``). ``others`` are the Ritz values and
+    residuals outside ``values`` that :func:`gap_bounds` measures gaps to;
+    ``eps`` is the products' rounding unit (the bounds' floor is ``2 eps`` times
+    the scale).
     """
+    if others is None:
+        others = (values.new_zeros(0), values.new_zeros(0))
+    bounds = gap_bounds(values, residuals, *others, floor=2 * eps * scale)
+    judged = residuals.double() if criterion == "residual" else bounds
     return EigenResult(
         values=values,
         vectors=vectors,
         residuals=residuals.to(values.dtype),
-        converged=residuals <= tol * max(scale, 1e-300),
+        error_bounds=bounds.to(values.dtype),
+        criterion=criterion,
+        converged=judged.to(residuals.device) <= tol * max(scale, 1e-300),
         cost=Cost(matvecs=matvecs, seconds=time.perf_counter() - start),
         method="lanczos",
         which=which,

@@ -9,12 +9,14 @@ is added and the search repeats.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from lossgeom.linalg._eigen import EigenResult, _key
 from lossgeom.linalg._krylov import Stop, _lanczos_core, _lanczos_result
-from lossgeom.linalg._operator import SymmetricOperator, apply_checked
+from lossgeom.linalg._operator import SymmetricOperator, apply_checked, product_eps
 
 __all__ = ["verify"]
 
@@ -45,6 +47,8 @@ class _Search:
 
     def __init__(self, res: EigenResult, k: int, which: str, tol: float, seed: int):
         self.k, self.which, self.tol, self.seed = k, which, tol, seed
+        self.criterion = res.criterion
+        self.ritz_range = tuple(res.details.get("ritz_range", (math.inf, -math.inf)))
         self.budget = res.details["budget"]
         self.used = res.cost.matvecs
         self.scale = res.spectral_scale
@@ -68,6 +72,7 @@ class _Search:
             v0=v0,
             check_symmetry=False,
             stop=stop,
+            criterion=self.criterion,
         )
         self.used += out.cost.matvecs
         # the deflated operator's own scale includes the artificial shift; the
@@ -76,13 +81,36 @@ class _Search:
         return out
 
 
+def _shift(search: _Search, which: str, worst: float) -> float:
+    """Where the found eigenvectors go: the far end of the Ritz values seen.
+
+    Any place well away from the wanted end works, but a shift outside the
+    spectrum widens it, and Lanczos converges on the wanted end at a rate set by
+    the gap relative to the spectrum's width: at the far end the search needs
+    fewer products. Without a usable range (or a range that reaches the wanted
+    end) the shift goes a spectral scale beyond it.
+    """
+    if which == "magnitude":
+        return 0.0
+    lo, hi = search.ritz_range
+    far = lo if which == "largest" else -hi
+    margin = 0.1 * max(search.scale, 1e-300)
+    if math.isfinite(far) and far < worst - margin:  # worst is a key (-value)
+        return lo if which == "largest" else hi
+    return _SHIFT_SIDE[which] * (search.scale + 1.0)
+
+
 def _missed(
     op: SymmetricOperator, search: _Search, values: Tensor, vectors: Tensor
-) -> tuple[Tensor, Tensor] | None:
-    """A converged wanted eigenpair outside ``vectors``, or ``None`` if none is seen."""
+) -> tuple[tuple[Tensor, Tensor] | None, EigenResult]:
+    """A converged wanted eigenpair outside ``vectors`` (``None`` if none is seen).
+
+    Also returns the search's last run: its top Ritz pair is the nearest
+    eigenvalue outside the found ones on the wanted side, a gap for the bounds.
+    """
     k, which, tol = search.k, search.which, search.tol
-    deflated = _Deflated(op, vectors, _SHIFT_SIDE[which] * (search.scale + 1.0))
     worst = float(_key(values[:k], which).min())
+    deflated = _Deflated(op, vectors, _shift(search, which, worst))
     slack = tol * max(search.scale, 1e-300)
     loose = max(tol, 1e-3) * max(search.scale, 1e-300)
 
@@ -95,7 +123,7 @@ def _missed(
 
     probe = search(deflated, stop=decided)
     if float(_key(probe.values[:1], which)[0]) < worst - slack:
-        return None  # nothing missed (as far as a Krylov search can tell)
+        return None, probe  # nothing missed (as far as a Krylov search can tell)
     if not probe.all_converged:  # a missed one: converge it
         probe = search(deflated, v0=probe.vectors)
     theta, u = probe.values[:1], probe.vectors[:, :1]
@@ -103,8 +131,8 @@ def _missed(
         not probe.all_converged
         or float(_key(theta, which)[0]) < worst - tol * search.scale
     ):
-        return None
-    return theta, u
+        return None, probe
+    return (theta, u), probe
 
 
 def verify(
@@ -135,14 +163,20 @@ def verify(
     search = _Search(res, k, which, tol, seed)
     found = 0
     values, vectors, residuals = res.values, res.vectors, res.residuals
+    others = torch.tensor(res.details.get("other_ritz_values", []), dtype=torch.float64)
+    other_res = torch.tensor(
+        res.details.get("other_ritz_residuals", []), dtype=torch.float64
+    )
+    probe: EigenResult | None = None  # the last search, when it found nothing
     while (
         res.all_converged
         and search.used < search.budget
         and vectors.shape[1] < op.shape[0]
     ):
         search.rounds += 1
-        missed = _missed(op, search, values, vectors)
+        missed, last = _missed(op, search, values, vectors)
         if missed is None:
+            probe = last
             break
         # a missed eigenvalue (e.g. another copy of a repeated one): add it,
         # orthogonal to the found vectors (the deflated search keeps it so only
@@ -163,6 +197,9 @@ def verify(
         values, vectors, residuals = values[order], vectors[:, order], residuals[order]
     # already in the order of ``which``; the k best are the answer
     values, vectors, residuals = values[:k], vectors[:, :k], residuals[:k]
+    if probe is not None and probe.values.numel():  # the nearest one outside
+        others = torch.cat([others, probe.values[:1].double().cpu()])
+        other_res = torch.cat([other_res, probe.residuals[:1].double().cpu()])
     return _lanczos_result(
         values,
         vectors,
@@ -173,5 +210,8 @@ def verify(
         matvecs=search.used,
         start=start,
         n_restarts=res.n_restarts,
+        criterion=res.criterion,
+        others=(others, other_res),
+        eps=product_eps(op),
         details=dict(res.details, verify_rounds=search.rounds, missed_found=found),
     )

@@ -44,7 +44,12 @@ import torch
 from torch import Tensor
 
 from lossgeom._results import Cost
-from lossgeom.linalg._eigen import EIGEN_DEFINITION, EigenResult, _check_args
+from lossgeom.linalg._eigen import (
+    EIGEN_DEFINITION,
+    EigenResult,
+    _check_args,
+    gap_bounds,
+)
 from lossgeom.linalg._krylov import _check_symmetric, _start_block
 from lossgeom.linalg._operator import (
     SymmetricOperator,
@@ -288,10 +293,24 @@ def lobpcg(
         AXk = apply_checked(op, vectors)
         n_mv += k
     residuals = (AXk - vectors * values).norm(dim=0)
+    # the block's further Ritz pairs give the gaps of the error bounds; without
+    # any, nothing is known below the k-th value: a copy of it (radius 0) makes
+    # its own bound the residual and leaves the others' gaps as they are
+    others = theta[k : X.shape[1]].double()
+    rest = X[:, k : others.numel() + k]
+    other_res = (
+        (AX[:, k : others.numel() + k] - rest * others.to(rest.dtype)).norm(dim=0)
+        / rest.norm(dim=0).clamp_min(torch.finfo(rest.dtype).tiny)
+    ).double()
+    if others.numel() == 0:
+        others, other_res = theta[k - 1 : k].double(), theta.new_zeros(1).double()
     result = EigenResult(
         values=values,
         vectors=vectors,
         residuals=residuals,
+        error_bounds=gap_bounds(
+            values, residuals, others, other_res, 2 * product_eps(op) * scale
+        ).to(values.dtype),
         converged=residuals <= tol * max(scale, 1e-300),
         cost=Cost(matvecs=n_mv, seconds=time.perf_counter() - start),
         method="lobpcg",
@@ -304,6 +323,8 @@ def lobpcg(
             "budget": budget,
             "iterations": iterations,
             "residuals": "explicit",
+            "other_ritz_values": others.tolist(),
+            "other_ritz_residuals": other_res.tolist(),
         },
     )
     if verify:
@@ -316,4 +337,5 @@ def lobpcg(
         values=result.values.to(dtype),
         vectors=result.vectors.to(dtype),
         residuals=result.residuals.to(dtype),
+        error_bounds=result.error_bounds.to(dtype),
     )

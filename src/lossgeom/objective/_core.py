@@ -20,9 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lossgeom.linalg import check_block
 from lossgeom.linalg._operator import NonFiniteError
+from lossgeom.objective._affine_norm import AffineBatchNorm
 from lossgeom.objective._data import Batch
 from lossgeom.objective._distributed import DistributedMixin
 from lossgeom.objective._reduction import LossReduction, Totals, check_sample_mean
@@ -287,12 +289,22 @@ class ObjectiveCore(DistributedMixin):
         With ``higher_order=True``, scaled-dot-product attention is restricted to
         its composite "math" kernel: the fused flash and memory-efficient kernels
         have neither forward-mode AD nor a double backward, so second derivatives
-        through them fail. The math kernel computes the same function.
+        through them fail. The math kernel computes the same function. In eval
+        mode BatchNorm runs as the affine map it is there
+        (:class:`~lossgeom.objective._affine_norm.AffineBatchNorm`), whose
+        derivatives are far cheaper than PyTorch's general ones.
         """
         flags = [(m, m.training) for m in self.model.modules()]
+        # only with BatchNorm: the mode costs every other operation a Python call
+        affine = self.mode == "eval" and any(
+            isinstance(m, _BatchNorm) for m, _ in flags
+        )
         self.model.train(self.mode == "train")
         try:
-            with sdpa_kernel(SDPBackend.MATH) if higher_order else nullcontext():
+            with (
+                sdpa_kernel(SDPBackend.MATH) if higher_order else nullcontext(),
+                AffineBatchNorm() if affine else nullcontext(),
+            ):
                 yield
         finally:
             for module, flag in flags:
