@@ -200,7 +200,7 @@ def verify(
     if probe is not None and probe.values.numel():  # the nearest one outside
         others = torch.cat([others, probe.values[:1].double().cpu()])
         other_res = torch.cat([other_res, probe.residuals[:1].double().cpu()])
-    return _lanczos_result(
+    out = _lanczos_result(
         values,
         vectors,
         residuals,
@@ -215,3 +215,12 @@ def verify(
         eps=product_eps(op),
         details=dict(res.details, verify_rounds=search.rounds, missed_found=found),
     )
+    if res.all_converged and not out.all_converged:
+        # the search saw an eigenvalue closer to the k-th than the first run did:
+        # the gap shrank, and with it the certified error bound
+        out.details["stopped"] = (
+            "the verification search found the next eigenvalue closer than the "
+            "first run showed, so the error bounds grew past tol; ask for a "
+            "smaller tol or criterion='residual'"
+        )
+    return out

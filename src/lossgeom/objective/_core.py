@@ -290,14 +290,17 @@ class ObjectiveCore(DistributedMixin):
         its composite "math" kernel: the fused flash and memory-efficient kernels
         have neither forward-mode AD nor a double backward, so second derivatives
         through them fail. The math kernel computes the same function. In eval
-        mode BatchNorm runs as the affine map it is there
+        mode BatchNorm then runs as the affine map it is
         (:class:`~lossgeom.objective._affine_norm.AffineBatchNorm`), whose
         derivatives are far cheaper than PyTorch's general ones.
         """
         flags = [(m, m.training) for m in self.model.modules()]
-        # only with BatchNorm: the mode costs every other operation a Python call
-        affine = self.mode == "eval" and any(
-            isinstance(m, _BatchNorm) for m, _ in flags
+        # only for derivatives and with BatchNorm: the mode costs every other
+        # operation a Python call, and plain evaluation gains nothing from it
+        affine = (
+            higher_order
+            and self.mode == "eval"
+            and any(isinstance(m, _BatchNorm) for m, _ in flags)
         )
         self.model.train(self.mode == "train")
         try:
