@@ -8,14 +8,17 @@ Cases (float32, CPU):
 Measured in the same run, seconds per grid point:
   - bare forward: one forward pass of the model over the same data (no_grad), the
     floor for exact evaluation of a point that shares nothing with other points;
-    the best single pass of 5, and 441 passes back to back (as long as a plane
-    takes, so the same share of a busy machine's stalls);
+    the best single pass of 5, and 441 passes back to back (one pass per point,
+    timed over as long as a plane takes, like the methods);
   - lossgeom: ``lg.slice_2d``, which shares the first layer's work across the
     plane's points when the model allows (``lossgeom.geometry._shared_layer``);
     the path it took is recorded;
   - lossgeom per point: the same points through ``obj.evaluate_metrics`` (vmap
     over points for (a), one point at a time for (b)): the path every slice took
     before the first layer was shared;
+  - lossgeom, first layer shared: the shared path called directly (split and
+    evaluation), also where ``slice_2d``'s cost rule declines it (on (b): a 3 x 3
+    convolution with one input channel), to check that rule;
   - plain loop: load each grid point into one copy of the model and evaluate, the
     directions being lossgeom's (so the loss values must agree);
   - loss-landscapes (PyPI ``loss-landscapes``): ``random_plane(..., steps=21,
@@ -29,11 +32,13 @@ on (a) at least 3x fewer seconds per point than both. Results with the machine
 facts go to ``benchmarks/results/slices_cpu.json``.
 
 Run: ``pip install --no-deps loss-landscapes`` into the venv, then
-``.venv/bin/python benchmarks/slices.py``.
+``.venv/bin/python benchmarks/slices.py [--threads N]`` (default: 1 thread, as the
+other CPU benchmarks).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import sys
@@ -52,12 +57,16 @@ from lossgeom.geometry._evaluation import (  # noqa: E402
     EVALUATION_PATHS,
     default_chunk_size,
 )
+from lossgeom.geometry._shared_layer import (  # noqa: E402
+    evaluate_shared,
+    split_first_layer,
+)
 from lossgeom.zoo import digits  # noqa: E402
 
 from _models import DigitsCNN  # noqa: E402
 
 STEPS = 21
-REPEATS = 5
+REPEATS = 9
 OUT = Path(__file__).parent / "results" / "slices_cpu.json"
 
 
@@ -160,11 +169,27 @@ def run_case(name: str) -> dict:
     chunk = default_chunk_size(obj)
     u = lg.random_direction(obj, seed=0)
     v = lg.orthogonalize(obj, u, lg.random_direction(obj, seed=1))
-    points = obj.theta + torch.cartesian_prod(grid, grid) @ torch.stack([u, v])
+    coefs, dirs = torch.cartesian_prod(grid, grid), torch.stack([u, v])
+    points = obj.theta + coefs @ dirs
+
+    def shared_forced():
+        # The first layer shared even where slice_2d's cost rule declines it.
+        split, _ = split_first_layer(obj)
+        return evaluate_shared(obj, split, obj.theta, coefs, dirs, chunk)
+
     # Interleaved rounds, the best round of each: this machine's speed drifts by
     # 2-3x within minutes, so back-to-back blocks per method would compare drifts.
     times: dict[str, list[float]] = {
-        k: [] for k in ("fwd", "fwd_sustained", "lg", "lg_per_point", "loop", "ll")
+        k: []
+        for k in (
+            "fwd",
+            "fwd_sustained",
+            "lg",
+            "lg_per_point",
+            "lg_shared_forced",
+            "loop",
+            "ll",
+        )
     }
     surf = ref = per_point = None
     ll_note = ""
@@ -182,6 +207,8 @@ def run_case(name: str) -> dict:
             lambda: obj.evaluate_metrics(points, chunk_size=chunk), repeats=1
         )
         times["lg_per_point"].append(t)
+        t, _ = best_of(shared_forced, repeats=1)
+        times["lg_shared_forced"].append(t)
         t, ref = plain_loop(model, X, y, loss_fn, obj.theta, u, v, grid)
         times["loop"].append(t)
         t, ll_note = loss_landscapes_plane(model, X, y, loss_fn)
@@ -194,6 +221,7 @@ def run_case(name: str) -> dict:
         "bare_forward_sustained": best["fwd_sustained"],
         "lossgeom": best["lg"] / n_points,
         "lossgeom_per_point_path": best["lg_per_point"] / n_points,
+        "lossgeom_first_layer_shared": best["lg_shared_forced"] / n_points,
         "plain_loop": best["loop"] / n_points,
         "loss_landscapes": None if best["ll"] is None else best["ll"] / n_points,
     }
@@ -209,6 +237,9 @@ def run_case(name: str) -> dict:
         "lossgeom_over_bare_forward": lg_t / per["bare_forward"],
         "lossgeom_over_bare_forward_sustained": lg_t / per["bare_forward_sustained"],
         "per_point_path_over_lossgeom": per["lossgeom_per_point_path"] / lg_t,
+        "first_layer_shared_over_per_point_path": (
+            per["lossgeom_first_layer_shared"] / per["lossgeom_per_point_path"]
+        ),
         "plain_loop_over_lossgeom": per["plain_loop"] / lg_t,
         "loss_landscapes_over_lossgeom": (
             None if best["ll"] is None else per["loss_landscapes"] / lg_t
@@ -226,6 +257,9 @@ def run_case(name: str) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    torch.set_num_threads(parser.parse_args().threads)
     rows = [run_case(c) for c in ("a", "b")]
     try:
         from importlib.metadata import version

@@ -172,13 +172,13 @@ def _shared_split(obj: Objective, m: int, k: int) -> SharedFirstLayer | None:
     outputs per output element, against the layer's ``fan_in`` multiply-adds
     on the inputs. The combination runs at memory speed, the layer at
     matrix-product speed: measured in ``benchmarks/slices.py`` on a 2-core CPU,
-    sharing a dense layer with 64 inputs made a plane (``k = 2``) 1.4x faster,
-    while sharing a 3 x 3 convolution with one input channel (fan-in 9) made
-    every point 0.8 ms (about 35%) slower than running it. So it is taken when
-    ``m > k + 1`` and ``fan_in >= 16 (k + 1)``: a plane on a dense first layer
-    of 48 inputs or more, or a convolution with as many inputs per output (a
-    7 x 7 stem on 3 channels); not small convolutions, whose outputs are large
-    and cheap to compute.
+    sharing a dense layer with 64 inputs made a plane (``k = 2``) 2.1x faster
+    than point by point, while sharing a 3 x 3 convolution with one input
+    channel (fan-in 9) made every point 0.6-0.8 ms (17-33%) slower than running
+    it. So it is taken when ``m > k + 1`` and ``fan_in >= 16 (k + 1)``: a plane
+    on a dense first layer of 48 inputs or more, or a convolution with as many
+    inputs per output (a 7 x 7 stem on 3 channels); not small convolutions,
+    whose outputs are large and cheap to compute.
     """
     if m <= k + 1:
         return None
