@@ -367,11 +367,11 @@ def _lanczos_core(
     )
     values, vectors, residuals = values[order], vectors[:, order], residuals[order]
     if explicit and stopped == "tolerance met":
-        judged = residuals if criterion == "residual" else None
-        if judged is None:
-            judged = gap_bounds(
-                values, residuals, theta[rest], res[rest], 2 * eps * scale
-            )
+        judged = (
+            residuals
+            if criterion == "residual"
+            else gap_bounds(values, residuals, others, other_res, 2 * eps * scale)
+        )
         worst = float(judged.max()) / max(scale, 1e-300)
         if worst > tol:  # the relation said yes, the explicit products say no
             stopped = (
