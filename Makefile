@@ -52,16 +52,21 @@ lint: $(STAMP)
 BENCH_PEERS := pyhessian curvlinops-for-pytorch backpack-for-pytorch einops einconv \
 	linear_operator opt-einsum jaxtyping
 
+# One torch thread by default, as the recorded CPU numbers were taken: on a small
+# machine a second thread competes with everything else and slows small models.
+BENCH_THREADS ?= 1
+BENCH := OMP_NUM_THREADS=$(BENCH_THREADS) $(PY)
+
 bench: $(PEERS_STAMP)
-	$(PY) benchmarks/hvp.py
-	$(PY) benchmarks/spectra.py
-	$(PY) benchmarks/slices.py
-	$(PY) benchmarks/gradient_noise.py
-	$(PY) benchmarks/train_callbacks.py
-	$(PY) benchmarks/cost_curve.py
+	$(BENCH) benchmarks/hvp.py
+	$(BENCH) benchmarks/spectra.py
+	$(BENCH) benchmarks/slices.py --threads $(BENCH_THREADS)
+	$(BENCH) benchmarks/gradient_noise.py --threads $(BENCH_THREADS)
+	$(BENCH) benchmarks/train_callbacks.py
+	$(BENCH) benchmarks/cost_curve.py --threads $(BENCH_THREADS)
 	$(PY) benchmarks/plot_cost_curve.py
 	$(PY) benchmarks/study.py
-	$(PY) benchmarks/kfac.py
+	$(BENCH) benchmarks/kfac.py --threads $(BENCH_THREADS)
 	$(PY) benchmarks/speed_table.py
 
 clean:

@@ -11,32 +11,42 @@ stability") observe that it rises ("progressive sharpening") and then stays near
 Writes ``benchmarks/results/edge_of_stability.json`` (numbers and machine facts)
 and ``docs/edge_of_stability.png``.
 
+Training runs on ``--device`` (the config's ``device``: CUDA when present).
+
 Usage: python benchmarks/edge_of_stability.py [--lrs 0.2,0.12] [--steps 2000]
+[--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
-import lossgeom as lg
-from lossgeom._io import atomic_path, atomic_write_json
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lossgeom as lg  # noqa: E402
+from _machine import machine_facts  # noqa: E402
+from lossgeom._io import atomic_path, atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "edge_of_stability.yaml"
 
 
-def run(lr: float, steps: int | None = None, run_dir: Path | None = None) -> dict:
+def run(
+    lr: float,
+    steps: int | None = None,
+    run_dir: Path | None = None,
+    device: str | None = None,
+) -> dict:
     """Train at ``lr``; summarise sharpness against 2 / lr over the last half."""
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["optim"]["lr"] = lr
+    cfg["device"] = device
     if steps is not None:
         cfg["steps"] = steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +105,13 @@ def main() -> None:
         "--out", default=str(ROOT / "benchmarks" / "results" / "edge_of_stability.json")
     )
     parser.add_argument("--plot", default=str(ROOT / "docs" / "edge_of_stability.png"))
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     args = parser.parse_args()
-    results = [run(float(lr), args.steps) for lr in args.lrs.split(",")]
+    results = [
+        run(float(lr), args.steps, device=args.device) for lr in args.lrs.split(",")
+    ]
     for r in results:
         print(
             f"lr {r['lr']:g}: 2/lr = {r['threshold_2_over_lr']:.2f}, sharpness "
@@ -110,13 +125,7 @@ def main() -> None:
         {
             "benchmark": "edge_of_stability",
             "config": str(CONFIG.relative_to(ROOT)),
-            "machine": {
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "cpu_count": os.cpu_count(),
-                "torch": torch.__version__,
-                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            },
+            "machine": machine_facts(args.device),
             "target": "sharpness within 15% of 2/lr over the last half of training",
             "results": results,
         },

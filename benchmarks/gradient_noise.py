@@ -1,6 +1,6 @@
 """Top-5 eigenvalues of the gradient covariance vs one full-data gradient pass.
 
-Case (float32, CPU): the small CNN with BatchNorm of ``_models.DigitsCNN`` (eval
+Case (float32, on ``--device``: CUDA when present, else the CPU): the small CNN with BatchNorm of ``_models.DigitsCNN`` (eval
 mode, running statistics from one train-mode pass) on the first 1,024 sklearn
 digits, 10,026 parameters, one batch of 1,024.
 
@@ -20,10 +20,10 @@ speed drifts by 2-3x within minutes):
   - loop: per-sample gradients by a Python loop of backward passes (one round).
 
 Target (issue): top5 <= 3x grad. Results with the machine facts go to
-``benchmarks/results/gradient_noise_cpu.json``.
+``benchmarks/results/gradient_noise_<device>.json``.
 
-Run: ``.venv/bin/python benchmarks/gradient_noise.py [--threads N]`` (default:
-one thread; the machine's two cores are shared).
+Run: ``.venv/bin/python benchmarks/gradient_noise.py [--threads N] [--device D]``
+(default: one thread; timings synchronise the device).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from lossgeom.zoo import digits  # noqa: E402
 from _models import DigitsCNN  # noqa: E402
 
 ROUNDS = 5
-OUT = Path(__file__).parent / "results" / "gradient_noise_cpu.json"
+RESULTS = Path(__file__).parent / "results"
+DEVICE = torch.device("cpu")  # set by main()
 
 
 def make_objective() -> lg.Objective:
@@ -58,12 +59,20 @@ def make_objective() -> lg.Objective:
     with torch.no_grad():
         model.train()
         model(X)  # running statistics as after training: not the defaults
-    return lg.Objective(model.eval(), nn.CrossEntropyLoss(), (X, y))
+    model, X, y = model.to(DEVICE).eval(), X.to(DEVICE), y.to(DEVICE)
+    return lg.Objective(model, nn.CrossEntropyLoss(), (X, y))
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def timed(fn):
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     return time.perf_counter() - t0, out
 
 
@@ -82,8 +91,13 @@ def per_sample_loop(obj: lg.Objective) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     obj = make_objective()
     theta = obj.theta
     obj.grad()  # warm up
@@ -148,9 +162,9 @@ def main() -> None:
             print(f"{key:>28}: {value}")
     print(targets)
     atomic_write_json(
-        OUT,
+        RESULTS / f"gradient_noise_{DEVICE.type}.json",
         {
-            "machine": machine_facts(dtype="float32"),
+            "machine": machine_facts(DEVICE, dtype="float32"),
             "cases": [row],
             "targets": targets,
         },

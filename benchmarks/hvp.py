@@ -9,7 +9,15 @@ throughput of 8 single calls.
 Every ratio compares two timings taken in the same run, interleaved, as the median
 of several repeats. Results with the machine facts go to benchmarks/results/.
 
-Usage: python benchmarks/hvp.py [--repeats N] [--out benchmarks/results/hvp_<device>.json]
+With ``--profile`` (CPU), each case also records where one operator HVP and one
+gradient spend their time (``torch.profiler``, self CPU time): in convolutions
+(every ``aten`` operator whose name holds "convolution", including the transposed
+ones inside ``aten::_convolution``) and in everything else. The ratio of the
+convolution times is the floor of HVP / gradient that no change outside the
+convolution kernels can go below.
+
+Usage: python benchmarks/hvp.py [--repeats N] [--profile] [--device cpu|cuda]
+[--out benchmarks/results/hvp_<device>.json]
 """
 
 from __future__ import annotations
@@ -57,7 +65,20 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def measure(name, model, X, y, device, repeats):
+def profile_split(fn):
+    """Self CPU seconds of ``fn()``: in convolution operators, and in all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / 1e6
+    return {"convolution_seconds": conv, "total_seconds": total}
+
+
+def measure(name, model, X, y, device, repeats, profile=False):
     model = model.to(device).eval()
     X, y = X.to(device), y.to(device)
     loss_fn = nn.CrossEntropyLoss()
@@ -95,6 +116,14 @@ def measure(name, model, X, y, device, repeats):
     t = {k: statistics.median(s) for k, s in samples.items()}
     assert H.cached, "the benchmark expects the Hessian operator to keep its graph"
     best_single = min(t["hvp_forward_over_reverse"], t["hvp_double_backward"])
+    extra = {}
+    if profile and device.type == "cpu":
+        split = {"hvp": profile_split(lambda: H @ v), "grad": profile_split(fr.grad)}
+        conv = [split[k]["convolution_seconds"] for k in ("hvp", "grad")]
+        extra["profile"] = dict(
+            split,
+            convolution_hvp_over_grad=conv[0] / conv[1] if conv[1] else None,
+        )
     return {
         "case": name,
         "d": fr.dim,
@@ -119,6 +148,7 @@ def measure(name, model, X, y, device, repeats):
         * t["hvp_double_backward"]
         / t["hvp8_operator_kept_graph"],
         "repeats": repeats,
+        **extra,
     }
 
 
@@ -129,10 +159,11 @@ def main():
         "--device", default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [
-        measure(n, m, X, y, device, args.repeats)
+        measure(n, m, X, y, device, args.repeats, args.profile)
         for n, (m, X, y) in make_cases(device).items()
     ]
     print(
@@ -150,6 +181,15 @@ def main():
             f"{r['block8_throughput_vs_8_single_double_backward']:>10.2f}x "
             f"{r['block8_operator_vs_8_single_double_backward']:>9.2f}x"
         )
+    for r in rows:
+        if "profile" in r:
+            pr = r["profile"]
+            print(
+                f"{r['case']:22} convolutions: HVP {pr['hvp']['convolution_seconds']:.3f}"
+                f" of {pr['hvp']['total_seconds']:.3f} s, gradient "
+                f"{pr['grad']['convolution_seconds']:.3f} of "
+                f"{pr['grad']['total_seconds']:.3f} s (profiled)"
+            )
     out = Path(
         args.out or Path(__file__).parent / "results" / f"hvp_{device.type}.json"
     )

@@ -16,10 +16,12 @@ at or below the target, "seconds" the wall time of the training steps up to it.
 Reported: medians over the seeds at the best step size, and their ratios to SGD
 measured in the same run. SGD uses momentum 0.9, Adam its defaults; K-FAC no
 momentum, the MC Fisher, damping 0.03 (pi-corrected), factor decay 0.95, factors
-every step, eigendecompositions every 10 steps. One thread by default. Results go
-to ``benchmarks/results/kfac_cpu.json`` with the machine facts.
+every step, eigendecompositions every 10 steps. One thread by default; models and
+data on ``--device`` (CUDA when present; timings synchronise it). Results go to
+``benchmarks/results/kfac_<device>.json`` with the machine facts.
 
 Usage: python benchmarks/kfac.py [--seeds 3] [--every 10] [--problems a,b] [--threads 1]
+[--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def full_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 def run(problem: dict, data, kind: str, lr: float, seed: int, every: int) -> dict:
     name, options = problem["model"]
     X, y = data
-    model = zoo_model(name, seed=seed, **options)
+    model = zoo_model(name, seed=seed, **options).to(X.device)
     opt = make_optimizer(kind, model, lr)
     gen = torch.Generator().manual_seed(seed)
     seconds, losses = 0.0, [full_loss(model, X, y)]
@@ -112,6 +114,8 @@ def run(problem: dict, data, kind: str, lr: float, seed: int, every: int) -> dic
         if not math.isfinite(loss.item()):
             break
         opt.step()
+        if X.is_cuda:
+            torch.cuda.synchronize(X.device)
         seconds += time.perf_counter() - start
         if step % every == 0:
             losses.append(full_loss(model, X, y))
@@ -138,15 +142,21 @@ def main() -> None:
     parser.add_argument("--problems", default="a,b")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--out", default=str(Path(__file__).parent / "results" / "kfac_cpu.json")
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
     )
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.out = args.out or str(
+        Path(__file__).parent / "results" / f"kfac_{device.type}.json"
+    )
     began = time.perf_counter()
     results: dict = {}
     for key in args.problems.split(","):
         problem = PROBLEMS[key]
-        data = dataset(problem["data"][0], split="train", **problem["data"][1])
+        X, y = dataset(problem["data"][0], split="train", **problem["data"][1])
+        data = X.to(device), y.to(device)
         runs: dict = {}
         for seed in range(args.seeds):  # seeds outermost: drift hits all alike
             for kind, grid in GRIDS.items():
@@ -206,7 +216,7 @@ def main() -> None:
             {
                 "benchmark": "kfac",
                 "benchmark_seconds": time.perf_counter() - began,
-                "machine": machine_facts("cpu"),
+                "machine": machine_facts(device),
                 "seeds": args.seeds,
                 "every": args.every,
                 "batch_size": BATCH,

@@ -1,6 +1,6 @@
 """A 21 x 21 filter-normalized loss plane: lossgeom vs `loss-landscapes` vs a plain loop.
 
-Cases (float32, CPU):
+Cases (float32, on ``--device``: CUDA when present, else the CPU):
   (a) tiny MLP 64-32-10 (tanh) on the first 512 sklearn digits;
   (b) small CNN with BatchNorm (eval mode, running statistics from one pass) on the
       first 1,024 digits.
@@ -10,6 +10,9 @@ Measured in the same run, seconds per grid point:
     floor for exact evaluation of a point that shares nothing with other points;
     the best single pass of 5, and 441 passes back to back (one pass per point,
     timed over as long as a plane takes, like the methods);
+  - activations alone: the model's ``Tanh``/``ReLU`` modules on tensors of the
+    shapes they see, as many points at once as lossgeom evaluates together: a
+    floor for any exact evaluation, whatever it shares;
   - lossgeom: ``lg.slice_2d``, which shares the first layer's work across the
     plane's points when the model allows (``lossgeom.geometry._shared_layer``);
     the path it took is recorded;
@@ -32,8 +35,9 @@ on (a) at least 3x fewer seconds per point than both. Results with the machine
 facts go to ``benchmarks/results/slices_cpu.json``.
 
 Run: ``pip install --no-deps loss-landscapes`` into the venv, then
-``.venv/bin/python benchmarks/slices.py [--threads N]`` (default: 1 thread, as the
-other CPU benchmarks).
+``.venv/bin/python benchmarks/slices.py [--threads N] [--device cpu|cuda]``
+(default: 1 thread, as the other CPU benchmarks). Timings synchronise the device;
+results go to ``benchmarks/results/slices_<device>.json``.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from _models import DigitsCNN  # noqa: E402
 
 STEPS = 21
 REPEATS = 9
-OUT = Path(__file__).parent / "results" / "slices_cpu.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 def make_case(name: str):
@@ -85,11 +89,21 @@ def make_case(name: str):
     return "b_cnn_bn_digits1024", model.eval(), X, y
 
 
+DEVICE = torch.device("cpu")  # set by main()
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def best_of(fn, repeats=1):
     times, out = [], None
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times), out
 
@@ -116,10 +130,39 @@ def bare_forward_sustained(model, X, y, loss_fn, n):
     return t / n
 
 
+def activations_alone(model, X, chunk):
+    """Seconds per point of the model's activation modules alone.
+
+    Each ``Tanh``/``ReLU`` module applied to a tensor of the shape it sees, for
+    ``chunk`` points at once as lossgeom evaluates them: a floor below which no
+    exact evaluation of a point goes, whatever it shares.
+    """
+    shapes = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: shapes.append((m, i[0].shape)))
+        for m in model.modules()
+        if isinstance(m, (nn.Tanh, nn.ReLU))
+    ]
+    with torch.no_grad():
+        model(X)
+    for h in hooks:
+        h.remove()
+    inputs = [(m, torch.randn(chunk, *shape, device=X.device)) for m, shape in shapes]
+
+    def run():
+        with torch.no_grad():
+            for m, x in inputs:
+                m(x)
+
+    run()
+    t, _ = best_of(run, repeats=5)
+    return t / chunk
+
+
 def plain_loop(model, X, y, loss_fn, theta, u, v, grid):
     def run():
         m = copy.deepcopy(model)
-        out = torch.empty(len(grid), len(grid))
+        out = torch.empty(len(grid), len(grid), device=X.device)
         with torch.no_grad():
             for i, a in enumerate(grid):
                 for j, b in enumerate(grid):
@@ -129,7 +172,8 @@ def plain_loop(model, X, y, loss_fn, theta, u, v, grid):
                     out[i, j] = loss_fn(m(X), y)
         return out
 
-    return best_of(run)
+    t, out = best_of(run)
+    return t, out.cpu()
 
 
 def loss_landscapes_plane(model, X, y, loss_fn):
@@ -162,6 +206,7 @@ def loss_landscapes_plane(model, X, y, loss_fn):
 
 def run_case(name: str) -> dict:
     label, model, X, y = make_case(name)
+    model, X, y = model.to(DEVICE), X.to(DEVICE), y.to(DEVICE)
     loss_fn = nn.CrossEntropyLoss()
     obj = lg.Objective(model, loss_fn, (X, y))
     grid = torch.linspace(-1.0, 1.0, STEPS)
@@ -169,7 +214,8 @@ def run_case(name: str) -> dict:
     chunk = default_chunk_size(obj)
     u = lg.random_direction(obj, seed=0)
     v = lg.orthogonalize(obj, u, lg.random_direction(obj, seed=1))
-    coefs, dirs = torch.cartesian_prod(grid, grid), torch.stack([u, v])
+    coefs = torch.cartesian_prod(grid, grid).to(DEVICE)
+    dirs = torch.stack([u, v])
     points = obj.theta + coefs @ dirs
 
     def shared_forced():
@@ -189,6 +235,7 @@ def run_case(name: str) -> dict:
             "lg_shared_forced",
             "loop",
             "ll",
+            "activations",
         )
     }
     surf = ref = per_point = None
@@ -214,11 +261,13 @@ def run_case(name: str) -> dict:
         t, ll_note = loss_landscapes_plane(model, X, y, loss_fn)
         if t is not None:
             times["ll"].append(t)
+        times["activations"].append(activations_alone(model, X, chunk or n_points))
     paths = dict(EVALUATION_PATHS)
     best = {k: min(v) if v else None for k, v in times.items()}
     per = {
         "bare_forward": best["fwd"],
         "bare_forward_sustained": best["fwd_sustained"],
+        "activations_alone": best["activations"],
         "lossgeom": best["lg"] / n_points,
         "lossgeom_per_point_path": best["lg_per_point"] / n_points,
         "lossgeom_first_layer_shared": best["lg_shared_forced"] / n_points,
@@ -247,7 +296,7 @@ def run_case(name: str) -> dict:
         "rounds_seconds": times,
         "max_abs_diff_vs_plain_loop": float((surf.loss - ref).abs().max()),
         "max_abs_diff_vs_per_point_path": float(
-            (surf.loss.flatten() - per_point["loss"]).abs().max()
+            (surf.loss.flatten() - per_point["loss"].cpu()).abs().max()
         ),
         "loss_range": [float(surf.loss.min()), float(surf.loss.max())],
         "loss_landscapes_note": ll_note,
@@ -259,7 +308,14 @@ def run_case(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    torch.set_num_threads(parser.parse_args().threads)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    out = RESULTS / f"slices_{DEVICE.type}.json"
     rows = [run_case(c) for c in ("a", "b")]
     try:
         from importlib.metadata import version
@@ -280,9 +336,11 @@ def main() -> None:
         and (rows[0]["loss_landscapes_over_lossgeom"] or math.inf) >= 3,
     }
     atomic_write_json(
-        OUT,
+        out,
         {
-            "machine": machine_facts(dtype="float32", loss_landscapes=ll_version),
+            "machine": machine_facts(
+                DEVICE, dtype="float32", loss_landscapes=ll_version
+            ),
             "cases": rows,
             "targets": targets,
         },

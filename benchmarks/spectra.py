@@ -31,8 +31,13 @@ Install the two baselines without their torchvision dependency (it would replace
 torch): ``pip install --no-deps pyhessian curvlinops-for-pytorch
 backpack-for-pytorch einops einconv linear_operator opt-einsum jaxtyping``.
 
+Every method runs on ``--device`` (default: CUDA when present), models, data and
+the float64 references alike; PyHessian with ``cuda=True`` there, eigsh's vectors
+moved between NumPy and the device by curvlinops. Timings synchronise the device.
+Results go to ``benchmarks/results/spectra_<device>.json``.
+
 Usage: python benchmarks/spectra.py [--cases a,b,c] [--goal 1e-6] [--repeats 3]
-(rows of cases not run are kept from the existing results file)
+[--device cpu|cuda] (rows of cases not run are kept from the existing results file)
 """
 
 from __future__ import annotations
@@ -146,12 +151,19 @@ def reference(name, model, X, y, loss_fn, k=5):
     return res.values.tolist(), None, kind
 
 
-def median_run(fn, repeats):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_run(fn, repeats, device):
     """``fn()`` ``repeats`` times: its last output and the median seconds."""
     times, out = [], None
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         out = fn()
+        sync(device)
         times.append(time.perf_counter() - t)
     return out, float(np.median(times))
 
@@ -167,7 +179,7 @@ def pyhessian_top(model, loss_fn, X, y, k, repeats):
             ph = PyHessian(model, loss_fn, data=(X, y), cuda=X.is_cuda)
             return ph.eigenvalues(top_n=k)[0]
 
-    vals, sec = median_run(run, repeats)
+    vals, sec = median_run(run, repeats, X.device)
     return {"values": [float(v) for v in vals], "matvecs": counter[0], "seconds": sec}
 
 
@@ -197,7 +209,7 @@ def eigsh_ladder(model, loss_fn, X, y, k, truth, goal, repeats):
                 counted, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False
             )
 
-        ev, sec = median_run(run, repeats)
+        ev, sec = median_run(run, repeats, X.device)
         tried.append(
             {
                 "tol": tol,
@@ -218,6 +230,7 @@ def lossgeom_top(H, k, tol, verify, truth, repeats, method="lanczos"):
     res, sec = median_run(
         lambda: lg.eigenvalues(H, k, tol=tol, verify=verify, method=method, **kw),
         repeats,
+        H.device,
     )
     return {
         "values": res.values.tolist(),
@@ -268,8 +281,10 @@ def eigen_rows(model, loss_fn, X, y, H, truth5, args, big):
 def run_case(key, args):
     from pyhessian import hessian as PyHessian
 
+    device = torch.device(args.device)
     name, model, X, y = make_case(key)
-    model.eval()
+    model, X, y = model.to(device).eval(), X.to(device), y.to(device)
+    cuda = device.type == "cuda"
     loss_fn = nn.CrossEntropyLoss()
     big = key == "c"
     truth5, trace_ref, ref_kind = reference(name, model, X, y, loss_fn)
@@ -287,16 +302,20 @@ def run_case(key, args):
     # trace: PyHessian's Hutchinson at its defaults against lossgeom's
     counter = [0]
     with count_pyhessian_hvps(counter):
+        sync(device)
         t = time.perf_counter()
-        tr = PyHessian(model, loss_fn, data=(X, y), cuda=False).trace()
+        tr = PyHessian(model, loss_fn, data=(X, y), cuda=cuda).trace()
+        sync(device)
         row["pyhessian_trace"] = {
             "value": float(np.mean(tr)),
             "matvecs": counter[0],
             "seconds": time.perf_counter() - t,
             "abs_err": abs(float(np.mean(tr)) - trace_ref) if trace_ref else None,
         }
+    sync(device)
     t = time.perf_counter()
     tres = lg.trace(H, 100)
+    sync(device)
     row["lossgeom_trace"] = {
         "value": tres.value,
         "stderr": tres.stderr,
@@ -312,15 +331,19 @@ def run_case(key, args):
     # density: same probes and steps
     counter[0] = 0
     with count_pyhessian_hvps(counter), torch_eig_patched():
-        ph = PyHessian(model, loss_fn, data=(X, y), cuda=False)
+        ph = PyHessian(model, loss_fn, data=(X, y), cuda=cuda)
+        sync(device)
         t = time.perf_counter()
         ph.density(iter=args.density_steps, n_v=args.density_probes)
+        sync(device)
         row["pyhessian_density"] = {
             "matvecs": counter[0],
             "seconds": time.perf_counter() - t,
         }
+    sync(device)
     t = time.perf_counter()
     dens = lg.density(H, args.density_probes, args.density_steps)
+    sync(device)
     row["lossgeom_density"] = {
         "matvecs": dens.cost.matvecs,
         "seconds": time.perf_counter() - t,
@@ -374,9 +397,14 @@ def main():
     parser.add_argument("--density-probes", type=int, default=2)
     parser.add_argument("--density-steps", type=int, default=20)
     parser.add_argument(
-        "--out", default=str(Path(__file__).parent / "results" / "spectra_cpu.json")
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
     )
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    device = torch.device(args.device)
+    args.out = args.out or str(
+        Path(__file__).parent / "results" / f"spectra_{device.type}.json"
+    )
     rows = []
     fmt = lambda e: "n/a" if e is None else f"{e:.1e}"  # noqa: E731
     for key in args.cases.split(","):
@@ -405,7 +433,9 @@ def main():
             f"{pd['seconds']:.1f}s | lossgeom {ld['seconds']:.1f}s",
             flush=True,
         )
-    machine = machine_facts(versions=versions(), dtype="float32 (references float64)")
+    machine = machine_facts(
+        device, versions=versions(), dtype="float32 (references float64)"
+    )
     out = Path(args.out)
     if out.is_file():  # keep the other cases' rows (each row has its own date)
         done = {r["case"] for r in rows}

@@ -8,25 +8,30 @@ samples; losses on 512 samples) and the defaults of ``MetricsConfig`` (probe set
 1,024 samples, losses on up to 2,048). Reports seconds per step and the ratio to
 the baseline; the target is at most 1.3x. The cost of a measurement grows with the
 probe set: each Hessian-vector product is about 2.5 gradients of the probe set.
-Results go to ``benchmarks/results/train_callbacks_cpu.json`` with the machine
-facts.
+Training runs on ``--device`` (the config's ``device``: CUDA when present). Results
+go to ``benchmarks/results/train_callbacks_<device>.json`` with the machine facts.
 
 Usage: python benchmarks/train_callbacks.py [--steps 1000] [--repeats 3]
+[--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import lossgeom as lg
-from lossgeom._io import atomic_write_json
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lossgeom as lg  # noqa: E402
+from _machine import machine_facts  # noqa: E402
+from lossgeom._io import atomic_write_json  # noqa: E402
+
+DEVICE = "cpu"  # set by main()
 
 
 def config(steps: int, metrics: dict | None) -> dict:
@@ -38,6 +43,7 @@ def config(steps: int, metrics: dict | None) -> dict:
         "steps": steps,
         "batch_size": 128,
         "metrics": metrics,
+        "device": DEVICE,
     }
 
 
@@ -54,10 +60,16 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--out",
-        default=str(Path(__file__).parent / "results" / "train_callbacks_cpu.json"),
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
     )
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    device = torch.device(DEVICE)
+    args.out = args.out or str(
+        Path(__file__).parent / "results" / f"train_callbacks_{device.type}.json"
+    )
     settings = {
         "cheap": {
             "every": args.every,
@@ -109,14 +121,7 @@ def main() -> None:
         args.out,
         {
             "benchmark": "train_callbacks",
-            "machine": {
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            },
+            "machine": machine_facts(device),
             "steps": args.steps,
             "every": args.every,
             "seconds_plain": plain,

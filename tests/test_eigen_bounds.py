@@ -113,7 +113,17 @@ def test_hessian_bounds_in_float64_and_float32():
     tight = lg.eigenvalues(lg.Objective(model, loss, (X, y)), 3, tol=1e-9)
     assert not tight.all_converged
     assert tight.details["stopped"].startswith("rounding floor")
+    assert "criterion='value'" in tight.details["stopped"]  # the remedy named
     assert tight.cost.matvecs < 600  # stopped at the floor, not at the budget
+    # below the bounds' own floor (2 eps of the scale) the value criterion
+    # stops at the rounding floor too, and does not suggest itself
+    floor = lg.eigenvalues(
+        lg.Objective(model, loss, (X, y)), 3, tol=1e-8, criterion="value"
+    )
+    assert not floor.all_converged
+    assert floor.details["stopped"].startswith("rounding floor")
+    assert "criterion=" not in floor.details["stopped"]
+    assert "float64" in floor.details["stopped"]
 
 
 def test_lobpcg_and_saved_results_carry_the_bounds(tmp_path):

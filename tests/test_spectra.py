@@ -308,5 +308,9 @@ def test_residuals_from_the_lanczos_relation_match_explicit_ones(monkeypatch):
         assert c.cost.matvecs == a.cost.matvecs + 3  # A u recomputed
         assert torch.equal(c.values, a.values)
         true = (op @ a.vectors - a.vectors * a.values).norm(dim=0)
+        # A u formed two ways differs by rounding, a few eps of ||A|| (27 here):
+        # against residuals near 1e-9 that is a relative 1e-6, whatever the
+        # number of threads the sums run on
+        slack = 64 * torch.finfo(DTYPE).eps * a.spectral_scale
         for res in (a, c):
-            assert torch.allclose(res.residuals, true, rtol=1e-6, atol=1e-15)
+            assert torch.allclose(res.residuals, true, rtol=1e-6, atol=slack)

@@ -332,7 +332,9 @@ def _lanczos_core(
             worst_err = float(err.max()) / max(scale, 1e-300)
             if worst_err <= 0.5 * best[0]:
                 best = (worst_err, krylov.n_mv)
-            stopped = _why_stop(krylov, done, budget, best, m_max, eps, worst_err)
+            stopped = _why_stop(
+                krylov, done, budget, best, m_max, eps, worst_err, criterion
+            )
             if stop is not None and stop(theta[idx], res[idx]):
                 stopped = "the caller's stop rule"
             if stopped:
@@ -345,18 +347,11 @@ def _lanczos_core(
             krylov.restart(theta, S, wanted, which, b, m_max)
 
     values = theta[idx]
-    vectors = krylov.Q @ S[:, idx].to(op.dtype)
-    norms = vectors.norm(dim=0)
-    vectors = vectors / norms
-    if explicit and krylov.AQ is not None and krylov.AQ.shape[1] == S.shape[0]:
-        # the products already made, combined: A (Q s) = (A Q) s
-        AV = (krylov.AQ @ S[:, idx].to(op.dtype)) / norms
-        residuals = (AV - vectors * values.to(op.dtype)).norm(dim=0).double()
-    elif explicit:
-        AV = op @ vectors
-        krylov.n_mv += vectors.shape[1]
-        residuals = (AV - vectors * values.to(op.dtype)).norm(dim=0).double()
+    if explicit:
+        vectors, residuals = _explicit_residuals(krylov, theta, S, idx)
     else:  # from the Lanczos relation A Q = Q T + Q_next B E^T
+        vectors = krylov.Q @ S[:, idx].to(op.dtype)
+        vectors = vectors / vectors.norm(dim=0)
         residuals = res[idx].double()
     rest = torch.ones(theta.numel(), dtype=torch.bool, device=theta.device)
     rest[idx] = False
@@ -378,7 +373,7 @@ def _lanczos_core(
                 "rounding floor: the Lanczos relation met tol but the explicit "
                 f"residuals give {worst:.1e} of the spectral scale, near the "
                 f"products' precision (eps = {eps:.1e}); ask for a larger tol, "
-                "criterion='value' (eigenvalue error bounds), or compute in float64"
+                f"{_REMEDY[criterion]}or compute in float64"
             )
     return _lanczos_result(
         values,
@@ -408,6 +403,33 @@ def _lanczos_core(
     )
 
 
+def _explicit_residuals(
+    krylov: _Krylov, theta: Tensor, S: Tensor, idx: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The Ritz vectors ``idx`` and their residuals ``||A u - theta u||``, explicitly.
+
+    From the kept products when there are (``A (Q s) = (A Q) s``), else with
+    one more product per vector (counted in ``krylov.n_mv``).
+    """
+    op, values = krylov.op, theta[idx].to(krylov.op.dtype)
+    vectors = krylov.Q @ S[:, idx].to(op.dtype)
+    norms = vectors.norm(dim=0)
+    vectors = vectors / norms
+    if krylov.AQ is not None and krylov.AQ.shape[1] == S.shape[0]:
+        AV = (krylov.AQ @ S[:, idx].to(op.dtype)) / norms
+    else:
+        AV = op @ vectors
+        krylov.n_mv += vectors.shape[1]
+    return vectors, (AV - vectors * values).norm(dim=0).double()
+
+
+# What a run stopped at the rounding floor suggests, besides tol and float64.
+_REMEDY = {
+    "residual": "criterion='value' (eigenvalue error bounds), ",
+    "value": "",
+}
+
+
 # Residuals (relative to the scale) below this many rounding units of the
 # products are at the floor float arithmetic allows: measured 5-20 for float32
 # Hessians of small networks, where a further product no longer lowers them.
@@ -422,6 +444,7 @@ def _why_stop(
     m_max: int,
     eps: float,
     worst: float,
+    criterion: Criterion = "residual",
 ) -> str:
     """Why the run ends now (``""``: it goes on).
 
@@ -441,8 +464,7 @@ def _why_stop(
         return (
             f"rounding floor: the worst error measure stalled at {worst:.1e} of "
             f"the spectral scale, near the products' precision (eps = {eps:.1e}); "
-            "ask for a larger tol, criterion='value' (eigenvalue error bounds), "
-            "or compute in float64"
+            f"ask for a larger tol, {_REMEDY[criterion]}or compute in float64"
         )
     return ""
 
