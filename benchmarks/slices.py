@@ -17,8 +17,10 @@ Measured in the same run, seconds per grid point:
     plane's points when the model allows (``lossgeom.geometry._shared_layer``);
     the path it took is recorded;
   - lossgeom per point: the same points through ``obj.evaluate_metrics`` (vmap
-    over points for (a), one point at a time for (b)): the path every slice took
-    before the first layer was shared;
+    over points for (a), one point at a time for (b), there with BatchNorm folded
+    into the convolutions, ``lossgeom.objective._fold_norm``; which evaluations
+    folded is recorded): the path every slice took before the first layer was
+    shared;
   - lossgeom, first layer shared: the shared path called directly (split and
     evaluation), also where ``slice_2d``'s cost rule declines it (on (b): a 3 x 3
     convolution with one input channel), to check that rule;
@@ -65,6 +67,7 @@ from lossgeom.geometry._shared_layer import (  # noqa: E402
     evaluate_shared,
     split_first_layer,
 )
+from lossgeom.objective._fold_norm import FOLDED  # noqa: E402
 from lossgeom.zoo import digits  # noqa: E402
 
 from _models import DigitsCNN  # noqa: E402
@@ -241,6 +244,7 @@ def run_case(name: str) -> dict:
     surf = ref = per_point = None
     ll_note = ""
     EVALUATION_PATHS.clear()
+    FOLDED.clear()
     for _ in range(REPEATS):
         times["fwd"].append(bare_forward(model, X, y, loss_fn))
         times["fwd_sustained"].append(
@@ -263,6 +267,7 @@ def run_case(name: str) -> dict:
             times["ll"].append(t)
         times["activations"].append(activations_alone(model, X, chunk or n_points))
     paths = dict(EVALUATION_PATHS)
+    folded = dict(FOLDED)
     best = {k: min(v) if v else None for k, v in times.items()}
     per = {
         "bare_forward": best["fwd"],
@@ -282,6 +287,7 @@ def run_case(name: str) -> dict:
         "grid": [STEPS, STEPS],
         "chunk_size": chunk,
         "lossgeom_paths": paths,
+        "batch_norm_folding": folded,
         "seconds_per_point": per,
         "lossgeom_over_bare_forward": lg_t / per["bare_forward"],
         "lossgeom_over_bare_forward_sustained": lg_t / per["bare_forward_sustained"],

@@ -18,6 +18,7 @@ from torch.func import vmap
 
 from lossgeom.linalg import check_block
 from lossgeom.objective._core import LossFn, ObjectiveCore
+from lossgeom.objective._fold_norm import FoldedNorms, fold_norms
 from lossgeom.objective._validation import shape_or_type
 
 __all__ = ["EvaluationMixin"]
@@ -131,8 +132,14 @@ class EvaluationMixin(ObjectiveCore):
     def _through_runner(
         self, runner: nn.Module, stats: Callable[[Tensor, Tensor], Tensor]
     ) -> PointsFn:
-        """``stats`` at each point, loaded one after another into ``runner``."""
+        """``stats`` at each point, loaded one after another into ``runner``.
+
+        BatchNorms after convolutions are folded into them per point where the
+        model allows (:mod:`lossgeom.objective._fold_norm`), decided once, at
+        the first point on the first batch.
+        """
         targets = [p for n, p in runner.named_parameters() if n in self._trainable]
+        folded: list[FoldedNorms | None] = []
 
         def batched(P: Tensor, x: Tensor, y: Tensor) -> Tensor:
             rows = []
@@ -141,7 +148,12 @@ class EvaluationMixin(ObjectiveCore):
                     targets, self.unflatten(point).values(), strict=True
                 ):
                     t.copy_(piece)
-                rows.append(stats(runner(x), y))
+                if not folded:
+                    folded.append(fold_norms(runner, x[:4]))
+                run = runner if folded[0] is None else folded[0]
+                if folded[0] is not None:
+                    folded[0].refresh()
+                rows.append(stats(run(x), y))
             return torch.stack(rows)
 
         return batched
