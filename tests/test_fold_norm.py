@@ -44,30 +44,45 @@ class Residual(nn.Module):
 
 
 def cases():
-    yield "conv2d", nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(4),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(4 * 2 * 2, 3),
-    ), (2, 4, 4), 2
-    yield "conv1d", nn.Sequential(
-        nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"),
-        nn.BatchNorm1d(3, affine=False),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(3 * 5, 3),
-    ), (2, 5), 1
-    yield "conv3d", nn.Sequential(
-        nn.Conv3d(1, 2, 2, groups=1),
-        nn.BatchNorm3d(2),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(2 * 8, 3),
-    ), (1, 3, 3, 3), 1
+    yield (
+        "conv2d",
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(4),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(4 * 2 * 2, 3),
+        ),
+        (2, 4, 4),
+        2,
+    )
+    yield (
+        "conv1d",
+        nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"),
+            nn.BatchNorm1d(3, affine=False),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(3 * 5, 3),
+        ),
+        (2, 5),
+        1,
+    )
+    yield (
+        "conv3d",
+        nn.Sequential(
+            nn.Conv3d(1, 2, 2, groups=1),
+            nn.BatchNorm3d(2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(2 * 8, 3),
+        ),
+        (1, 3, 3, 3),
+        1,
+    )
     yield "residual", Residual(), (2, 4, 4), 1
 
 
