@@ -3,7 +3,8 @@
 Points go through ``vmap`` a chunk at a time, or, with ``chunk_size=1`` in eval
 mode, one after another through a private copy of the model (faster for
 convolutions on the CPU, where a batch of convolution weights under ``vmap``
-becomes a grouped convolution).
+becomes a grouped convolution), with each BatchNorm after a convolution folded
+into it (:mod:`lossgeom.objective._fold_norm`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ per output channel: the normalisation's pass over every activation becomes a
 few operations on the weights. :meth:`Objective.evaluate` with ``chunk_size=1``
 loads point after point into a private copy of the model; there the weights
 are folded afresh for each point (a cost of the order of the parameters) and
-the normalisation's pass is skipped (about a tenth of a small BatchNorm CNN's
-forward pass on the CPU, measured in ``benchmarks/slices.py``). It is the
+the normalisation's pass is skipped (6% of a point's cost on the small
+BatchNorm CNN of ``benchmarks/slices.py``, on a CPU). It is the
 inference fusion of ``torch.fx.experimental.optimization.fuse``, which folds
 once and would have to be rebuilt for every point; the numbers are the same up
 to float rounding.
