@@ -18,6 +18,7 @@ from torch import nn
 import lossgeom as lg
 from lossgeom.geometry._evaluation import EVALUATION_PATHS, evaluate_points
 from lossgeom.geometry._shared_layer import evaluate_shared, split_first_layer
+from lossgeom.objective._fold_norm import FOLDED
 
 from cases import CASE_IDS, CASES
 
@@ -184,10 +185,14 @@ def test_shared_path_equals_plain_evaluation(name, chunk_size):
     snap = _snapshot(obj.model)
     u, v = _plane(obj)
     before = obj.counters.to_dict()
+    FOLDED.clear()
     s, paths = _paths(
         lambda: lg.slice_2d(obj, u, v, ALPHAS, BETAS, chunk_size=chunk_size)
     )
     assert paths == {"shared_first_layer": 1}
+    if name == "conv2d_batchnorm" and chunk_size in ("auto", 1):
+        # point by point through the tail: its conv2 -> bn2 folded, once
+        assert FOLDED == {"folded": 1}
     after = obj.counters.to_dict()
     assert after["loss"] - before["loss"] == ALPHAS.numel() * BETAS.numel()
     assert after["passes"] - before["passes"] == 1  # one pass over the data

@@ -32,6 +32,7 @@ from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
 from lossgeom.objective import Objective
+from lossgeom.objective._fold_norm import FoldedNorms, fold_norms
 
 __all__ = ["SharedFirstLayer", "evaluate_shared", "split_first_layer"]
 
@@ -199,6 +200,7 @@ def evaluate_shared(
     tail = _TailPoints(center[index], dirs[:, index], obj, split.tail_names)
     stats = _batch_stats(obj, accuracy)
     step = m if chunk_size is None else chunk_size
+    folded: list[FoldedNorms | None] = []  # decided at the first point
 
     def per_batch(x: Tensor, y: Tensor) -> Tensor:
         inputs = x if split.head is None else split.head(x)
@@ -206,7 +208,7 @@ def evaluate_shared(
             [functional_call(split.first, p, (inputs,)) for p in first_sets]
         )
         if step == 1:
-            return _one_by_one(split, Z, aug, tail, y, stats)
+            return _one_by_one(split, Z, aug, tail, y, stats, folded)
         rows = []
         for start in range(0, m, step):
             c = aug[start : start + step]
@@ -419,11 +421,15 @@ def _one_by_one(
     tail: _TailPoints,
     y: Tensor,
     stats: Callable[[Tensor, Tensor], Tensor],
+    folded: list[FoldedNorms | None],
 ) -> Tensor:
     """Each point's tail in turn, its parameters copied into the private copy.
 
     The combination goes into one reused buffer with scalar coefficients (the
-    tail does not keep its input), a plain vectorised loop.
+    tail does not keep its input), a plain vectorised loop. BatchNorms after
+    convolutions in the tail are folded into them per point where the tail
+    allows (:mod:`lossgeom.objective._fold_norm`); ``folded`` holds that
+    decision, made at the first point and kept across batches.
     """
     targets = [split.tail.get_parameter(n) for n in split.tail_names]
     h = torch.empty_like(Z[0])
@@ -433,7 +439,12 @@ def _one_by_one(
         for j in range(2, Z.shape[0]):
             h.add_(Z[j], alpha=floats[j])
         tail.load(c[1:], targets)
-        rows.append(stats(split.tail(h)[None], y))
+        if not folded:
+            folded.append(fold_norms(split.tail, h[:4]))
+        run = split.tail if folded[0] is None else folded[0]
+        if folded[0] is not None:
+            folded[0].refresh()
+        rows.append(stats(run(h)[None], y))
     return torch.cat(rows)
 
 
