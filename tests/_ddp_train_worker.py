@@ -86,9 +86,12 @@ def main(config_file: str, out: str) -> None:
         seen["peer_failure"] = f"{type(err).__name__}: {err}"
     seen["peer_seconds"] = time.perf_counter() - start
 
+    from lossgeom._io import atomic_write_text
     from lossgeom.cli import train_cmd
 
-    Path(out / "cli.yaml").write_text(yaml.safe_dump({**cfg, "steps": 10}))
+    # both ranks write the same file: atomically, so neither reads the other's
+    # half-written (truncated) copy
+    atomic_write_text(out / "cli.yaml", yaml.safe_dump({**cfg, "steps": 10}))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         train_cmd(out / "cli.yaml", out / "cli", True, False, False)
