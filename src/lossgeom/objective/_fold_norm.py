@@ -15,7 +15,7 @@ to float rounding.
 Which convolution feeds which BatchNorm is read from a ``torch.fx`` trace of the
 private copy. A pair is folded only when the convolution's output goes nowhere
 else, the BatchNorm normalises with running statistics, its features are the
-convolution's channels, and neither module has hooks. A model that cannot be
+convolution's channels, and neither module has hooks or parametrizations. A model that cannot be
 traced, has no such pair, or whose folded trace does not reproduce its outputs
 on real data is evaluated unfolded.
 """
@@ -28,6 +28,7 @@ from collections import Counter
 import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
 
 __all__ = ["FOLDED", "FoldedNorms", "fold_norms"]
 
@@ -118,6 +119,8 @@ def _fold_pairs(traced: fx.GraphModule) -> list[tuple[nn.Module, ...]]:
             type(conv) not in _CONVS
             or _hooked(conv)
             or _hooked(norm)
+            or parametrize.is_parametrized(conv)
+            or parametrize.is_parametrized(norm)
             or norm.running_mean is None
             or norm.running_var is None
             or norm.num_features != conv.out_channels
