@@ -3,7 +3,11 @@
 Cases (float32, on ``--device``: CUDA when present, else the CPU):
   (a) tiny MLP 64-32-10 (tanh) on the first 512 sklearn digits;
   (b) small CNN with BatchNorm (eval mode, running statistics from one pass) on the
-      first 1,024 digits.
+      first 1,024 digits;
+  (c) CIFAR-style ResNet-20 (width 16, BatchNorm after every convolution, eval
+      mode, running statistics from one pass) on a fixed random batch of 128
+      3x32x32 images, a 7 x 7 grid (its points cost 0.1-0.2 s each on a CPU) and 3
+      rounds; (a) and (b) use 21 x 21 and 9 rounds.
 
 Measured in the same run, seconds per grid point:
   - bare forward: one forward pass of the model over the same data (no_grad), the
@@ -32,9 +36,9 @@ Measured in the same run, seconds per grid point:
     accuracy. On (b) its filter normalization divides by a zero norm and raises;
     the error is recorded.
 
-Targets: on (b) lossgeom <= 1.2x one bare forward pass and below both comparators;
-on (a) at least 3x fewer seconds per point than both. Results with the machine
-facts go to ``benchmarks/results/slices_cpu.json``.
+Targets: on the CNNs (b) and (c) lossgeom <= 1.2x one bare forward pass and below
+both comparators; on (a) at least 3x fewer seconds per point than both. Results
+with the machine facts go to ``benchmarks/results/slices_<device>.json``.
 
 Run: ``pip install --no-deps loss-landscapes`` into the venv, then
 ``.venv/bin/python benchmarks/slices.py [--threads N] [--device cpu|cuda]``
@@ -68,12 +72,13 @@ from lossgeom.geometry._shared_layer import (  # noqa: E402
     split_first_layer,
 )
 from lossgeom.objective._fold_norm import FOLDED  # noqa: E402
-from lossgeom.zoo import digits  # noqa: E402
+from lossgeom.zoo import cifar_resnet, digits  # noqa: E402
 
 from _models import DigitsCNN  # noqa: E402
 
-STEPS = 21
-REPEATS = 9
+# Grid steps per axis and interleaved rounds, per case: (c) costs 0.1-0.2 s a point.
+STEPS = {"a": 21, "b": 21, "c": 7}
+REPEATS = {"a": 9, "b": 9, "c": 3}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -84,12 +89,20 @@ def make_case(name: str):
         X, y = X[:512], y[:512]
         model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
         return "a_tiny_mlp_digits512", model.eval(), X, y
-    X, y = X[:1024].view(-1, 1, 8, 8), y[:1024]
-    model = DigitsCNN()
+    if name == "c":
+        gen = torch.Generator().manual_seed(0)
+        X = torch.randn(128, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (128,), generator=gen)
+        model = cifar_resnet(20, width=16)
+        label = "c_resnet20_random128"
+    else:
+        X, y = X[:1024].view(-1, 1, 8, 8), y[:1024]
+        model = DigitsCNN()
+        label = "b_cnn_bn_digits1024"
     with torch.no_grad():
         model.train()
         model(X)  # running statistics as after training: not the defaults
-    return "b_cnn_bn_digits1024", model.eval(), X, y
+    return label, model.eval(), X, y
 
 
 DEVICE = torch.device("cpu")  # set by main()
@@ -179,7 +192,7 @@ def plain_loop(model, X, y, loss_fn, theta, u, v, grid):
     return t, out.cpu()
 
 
-def loss_landscapes_plane(model, X, y, loss_fn):
+def loss_landscapes_plane(model, X, y, loss_fn, steps):
     try:
         import loss_landscapes
         import loss_landscapes.metrics
@@ -193,7 +206,7 @@ def loss_landscapes_plane(model, X, y, loss_fn):
             model,
             metric,
             distance=1,
-            steps=STEPS,
+            steps=steps,
             normalization="filter",
             deepcopy_model=True,
         )
@@ -208,12 +221,13 @@ def loss_landscapes_plane(model, X, y, loss_fn):
 
 
 def run_case(name: str) -> dict:
+    steps = STEPS[name]
     label, model, X, y = make_case(name)
     model, X, y = model.to(DEVICE), X.to(DEVICE), y.to(DEVICE)
     loss_fn = nn.CrossEntropyLoss()
     obj = lg.Objective(model, loss_fn, (X, y))
-    grid = torch.linspace(-1.0, 1.0, STEPS)
-    n_points = STEPS * STEPS
+    grid = torch.linspace(-1.0, 1.0, steps)
+    n_points = steps * steps
     chunk = default_chunk_size(obj)
     u = lg.random_direction(obj, seed=0)
     v = lg.orthogonalize(obj, u, lg.random_direction(obj, seed=1))
@@ -245,7 +259,7 @@ def run_case(name: str) -> dict:
     ll_note = ""
     EVALUATION_PATHS.clear()
     FOLDED.clear()
-    for _ in range(REPEATS):
+    for _ in range(REPEATS[name]):
         times["fwd"].append(bare_forward(model, X, y, loss_fn))
         times["fwd_sustained"].append(
             bare_forward_sustained(model, X, y, loss_fn, n_points)
@@ -262,7 +276,7 @@ def run_case(name: str) -> dict:
         times["lg_shared_forced"].append(t)
         t, ref = plain_loop(model, X, y, loss_fn, obj.theta, u, v, grid)
         times["loop"].append(t)
-        t, ll_note = loss_landscapes_plane(model, X, y, loss_fn)
+        t, ll_note = loss_landscapes_plane(model, X, y, loss_fn, steps)
         if t is not None:
             times["ll"].append(t)
         times["activations"].append(activations_alone(model, X, chunk or n_points))
@@ -284,7 +298,7 @@ def run_case(name: str) -> dict:
         "case": label,
         "n_params": obj.dim,
         "n_samples": int(X.shape[0]),
-        "grid": [STEPS, STEPS],
+        "grid": [steps, steps],
         "chunk_size": chunk,
         "lossgeom_paths": paths,
         "batch_norm_folding": folded,
@@ -322,7 +336,7 @@ def main() -> None:
     global DEVICE
     DEVICE = torch.device(args.device)
     out = RESULTS / f"slices_{DEVICE.type}.json"
-    rows = [run_case(c) for c in ("a", "b")]
+    rows = [run_case(c) for c in ("a", "b", "c")]
     try:
         from importlib.metadata import version
 
@@ -340,6 +354,10 @@ def main() -> None:
         and (rows[1]["loss_landscapes_over_lossgeom"] or math.inf) > 1,
         "a_3x_fewer_than_both": rows[0]["plain_loop_over_lossgeom"] >= 3
         and (rows[0]["loss_landscapes_over_lossgeom"] or math.inf) >= 3,
+        "c_lossgeom_over_bare_forward_le_1.2": rows[2]["lossgeom_over_bare_forward"]
+        <= 1.2,
+        "c_below_both": rows[2]["plain_loop_over_lossgeom"] > 1
+        and (rows[2]["loss_landscapes_over_lossgeom"] or math.inf) > 1,
     }
     atomic_write_json(
         out,

@@ -46,6 +46,8 @@ TARGET_TEXT = {
     "top5_le_3x_grad": "≤ 3x",
     "b_lossgeom_over_bare_forward_le_1.2": "CNN ≤ 1.2x",
     "b_below_both": "CNN below both",
+    "c_lossgeom_over_bare_forward_le_1.2": "ResNet-20 ≤ 1.2x",
+    "c_below_both": "ResNet-20 below both",
     "a_3x_fewer_than_both": "MLP 3x below both",
     "hvp_le_2x_grad": "≤ 2x",
     "block8_ge_1.5x": "≥ 1.5x",
@@ -273,13 +275,17 @@ def slices_rows(data: dict) -> list[Row]:
                     )
                 ),
             ),
-            targets(data, "b_lossgeom_over_bare_forward_le_1.2"),
+            targets(
+                data,
+                "b_lossgeom_over_bare_forward_le_1.2",
+                "c_lossgeom_over_bare_forward_le_1.2",
+            ),
         ),
         (
             "seconds per point of a filter-normalized plane",
             "a plain copy-and-evaluate loop, `loss-landscapes`",
             per_case(rows, peers),
-            targets(data, "b_below_both", "a_3x_fewer_than_both"),
+            targets(data, "b_below_both", "c_below_both", "a_3x_fewer_than_both"),
         ),
     ]
 
