@@ -28,11 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call, vmap
-from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
 from lossgeom.objective import Objective
-from lossgeom.objective._fold_norm import FoldedNorms, fold_norms
+from lossgeom.objective._fold_norm import FoldOnce, global_hooks, hooked
 
 __all__ = ["SharedFirstLayer", "evaluate_shared", "split_first_layer"]
 
@@ -80,7 +79,7 @@ def split_first_layer(obj: Objective) -> tuple[SharedFirstLayer | None, str]:
     """
     if obj.mode != "eval":
         return None, "train mode: batch statistics and dropout stay per point"
-    if _global_hooks() or _hooked(obj.model):
+    if global_hooks() or hooked(obj.model):
         return None, "forward hooks on the model or on every module"
     try:
         runner = copy.deepcopy(obj.model)
@@ -149,7 +148,7 @@ def _traced_parts(runner: nn.Module) -> tuple[_Parts | None, str]:
     first = traced.get_submodule(first_node.target)
     if first_node.args != (node,) or first_node.kwargs:
         return None, "the first layer takes more than the inputs"
-    if _hooked(first):
+    if hooked(first):
         return None, "the first layer has hooks"
     owner = {id(p): n for n, p in runner.named_parameters()}
     first_names = []
@@ -200,7 +199,7 @@ def evaluate_shared(
     tail = _TailPoints(center[index], dirs[:, index], obj, split.tail_names)
     stats = _batch_stats(obj, accuracy)
     step = m if chunk_size is None else chunk_size
-    folded: list[FoldedNorms | None] = []  # decided at the first point
+    run = FoldOnce(split.tail)  # folding decided at the first point, kept
 
     def per_batch(x: Tensor, y: Tensor) -> Tensor:
         inputs = x if split.head is None else split.head(x)
@@ -208,7 +207,7 @@ def evaluate_shared(
             [functional_call(split.first, p, (inputs,)) for p in first_sets]
         )
         if step == 1:
-            return _one_by_one(split, Z, aug, tail, y, stats, folded)
+            return _one_by_one(split, Z, aug, tail, y, stats, run)
         rows = []
         for start in range(0, m, step):
             c = aug[start : start + step]
@@ -251,15 +250,6 @@ def _over_batches(obj: Objective, fn: Callable[[Tensor, Tensor], Tensor]) -> Ten
 
 
 # ------------------------------------------------------------------ splitting
-def _global_hooks() -> bool:
-    names = ("_global_forward_hooks", "_global_forward_pre_hooks")
-    return any(getattr(_module, n, None) for n in names)
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def _prepare(runner: nn.Module, obj: Objective) -> None:
     """Eval mode, no gradients, and the buffers ``obj`` evaluates with."""
     runner.eval()
@@ -282,7 +272,7 @@ def _is_shape_op(node: fx.Node, source: fx.Node, root: nn.Module) -> bool:
         return False
     if node.op == "call_module":
         module = root.get_submodule(node.target)
-        return type(module) in _SHAPE_MODULES and not _hooked(module)
+        return type(module) in _SHAPE_MODULES and not hooked(module)
     if node.op == "call_method":
         return node.target in _SHAPE_METHODS
     return node.op == "call_function" and node.target in _SHAPE_FUNCTIONS
@@ -421,15 +411,14 @@ def _one_by_one(
     tail: _TailPoints,
     y: Tensor,
     stats: Callable[[Tensor, Tensor], Tensor],
-    folded: list[FoldedNorms | None],
+    run: FoldOnce,
 ) -> Tensor:
     """Each point's tail in turn, its parameters copied into the private copy.
 
     The combination goes into one reused buffer with scalar coefficients (the
-    tail does not keep its input), a plain vectorised loop. BatchNorms after
-    convolutions in the tail are folded into them per point where the tail
-    allows (:mod:`lossgeom.objective._fold_norm`); ``folded`` holds that
-    decision, made at the first point and kept across batches.
+    tail does not keep its input), a plain vectorised loop. ``run`` is the tail
+    with its BatchNorms folded into the convolutions before them where it
+    allows (:mod:`lossgeom.objective._fold_norm`), decided once across batches.
     """
     targets = [split.tail.get_parameter(n) for n in split.tail_names]
     h = torch.empty_like(Z[0])
@@ -439,11 +428,6 @@ def _one_by_one(
         for j in range(2, Z.shape[0]):
             h.add_(Z[j], alpha=floats[j])
         tail.load(c[1:], targets)
-        if not folded:
-            folded.append(fold_norms(split.tail, h[:4]))
-        run = split.tail if folded[0] is None else folded[0]
-        if folded[0] is not None:
-            folded[0].refresh()
         rows.append(stats(run(h)[None], y))
     return torch.cat(rows)
 

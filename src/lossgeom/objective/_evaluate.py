@@ -19,7 +19,7 @@ from torch.func import vmap
 
 from lossgeom.linalg import check_block
 from lossgeom.objective._core import LossFn, ObjectiveCore
-from lossgeom.objective._fold_norm import FoldedNorms, fold_norms
+from lossgeom.objective._fold_norm import FoldOnce
 from lossgeom.objective._validation import shape_or_type
 
 __all__ = ["EvaluationMixin"]
@@ -140,7 +140,7 @@ class EvaluationMixin(ObjectiveCore):
         the first point on the first batch.
         """
         targets = [p for n, p in runner.named_parameters() if n in self._trainable]
-        folded: list[FoldedNorms | None] = []
+        run = FoldOnce(runner)
 
         def batched(P: Tensor, x: Tensor, y: Tensor) -> Tensor:
             rows = []
@@ -149,11 +149,6 @@ class EvaluationMixin(ObjectiveCore):
                     targets, self.unflatten(point).values(), strict=True
                 ):
                     t.copy_(piece)
-                if not folded:
-                    folded.append(fold_norms(runner, x[:4]))
-                run = runner if folded[0] is None else folded[0]
-                if folded[0] is not None:
-                    folded[0].refresh()
                 rows.append(stats(run(x), y))
             return torch.stack(rows)
 

@@ -30,7 +30,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
-__all__ = ["FOLDED", "FoldedNorms", "fold_norms"]
+__all__ = ["FOLDED", "FoldOnce", "FoldedNorms", "fold_norms", "global_hooks", "hooked"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -80,7 +80,7 @@ def fold_norms(runner: nn.Module, x: Tensor) -> FoldedNorms | None:
     """
     if runner.training or not any(isinstance(m, _NORMS) for m in runner.modules()):
         return None
-    if any(getattr(_module, n, None) for n in _GLOBAL_HOOKS):
+    if global_hooks():
         FOLDED["unfolded"] += 1
         return None
     try:
@@ -96,7 +96,33 @@ def fold_norms(runner: nn.Module, x: Tensor) -> FoldedNorms | None:
     return folded
 
 
-def _hooked(module: nn.Module) -> bool:
+class FoldOnce:
+    """``module(x)``, folded where it can be: decided at the first call.
+
+    Call it after each point is loaded into ``module``'s parameters: the first
+    call decides with :func:`fold_norms` (on a few samples of ``x``), and every
+    call refolds the point's weights before running the folded copy.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module, self.folded, self.decided = module, None, False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.decided:
+            self.folded, self.decided = fold_norms(self.module, x[:4]), True
+        if self.folded is None:
+            return self.module(x)
+        self.folded.refresh()
+        return self.folded(x)
+
+
+def global_hooks() -> bool:
+    """Whether forward hooks are registered for every module."""
+    return any(getattr(_module, n, None) for n in _GLOBAL_HOOKS)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether ``module`` itself has forward (pre-)hooks."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
@@ -117,8 +143,8 @@ def _fold_pairs(traced: fx.GraphModule) -> list[tuple[nn.Module, ...]]:
         conv = traced.get_submodule(prev.target)
         if (
             type(conv) not in _CONVS
-            or _hooked(conv)
-            or _hooked(norm)
+            or hooked(conv)
+            or hooked(norm)
             or parametrize.is_parametrized(conv)
             or parametrize.is_parametrized(norm)
             or norm.running_mean is None
