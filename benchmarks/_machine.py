@@ -1,4 +1,4 @@
-"""The machine facts every benchmark writes beside its numbers."""
+"""The machine facts every benchmark writes beside its numbers, and its timing helpers."""
 
 import os
 import platform
@@ -36,3 +36,23 @@ def machine_facts(device: str | torch.device = "cpu", **extra: object) -> dict:
         facts["gpu"] = torch.cuda.get_device_name(device)
     facts.update(extra)
     return facts
+
+
+# Every benchmark's --device default.
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), around timings."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: str | torch.device) -> tuple[float, object]:
+    """``(seconds, fn())``, the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 import lossgeom as lg
-from _machine import machine_facts
+from _machine import DEFAULT_DEVICE, machine_facts, sync, timed
 from lossgeom._io import atomic_write_json
 from lossgeom.linalg import DenseOperator
 from lossgeom.zoo import cifar_resnet, digits, mlp, resnet
@@ -100,11 +100,6 @@ def build(name, device):
     gen = torch.Generator(device=device).manual_seed(1)
     v = torch.randn(obj.dim, generator=gen, device=device)
     return model, loss_fn, X, y, obj, lg.hessian(obj), v
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _status_kb(key):
@@ -204,14 +199,6 @@ def in_child(name, device, what):
         return pool.submit(measure_child, *args).result()
 
 
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def time_products(name, device, repeats):
     """Medians of interleaved gradients and HVPs, in this process."""
     model, loss_fn, X, y, obj, H, v = build(name, device)
@@ -231,7 +218,7 @@ def time_products(name, device, repeats):
     samples = {k: [] for k in tasks}
     for _ in range(repeats):  # interleaved, so load changes hit all alike
         for key, fn in tasks.items():
-            samples[key].append(timed(fn, device))
+            samples[key].append(timed(fn, device)[0])
     model.zero_grad(set_to_none=True)
     t = {k: statistics.median(s) for k, s in samples.items()}
     return obj.dim, t, bool(H.cached), int(H.cache_nbytes)
@@ -327,9 +314,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--top5-max-d", type=float, default=1e6)
     parser.add_argument("--top1-max-d", type=float, default=math.inf)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", default=DEFAULT_DEVICE)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -24,13 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lossgeom as lg  # noqa: E402
-from _machine import machine_facts  # noqa: E402
+from _machine import DEFAULT_DEVICE, machine_facts  # noqa: E402
 from lossgeom._io import atomic_path, atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,9 +104,7 @@ def main() -> None:
         "--out", default=str(ROOT / "benchmarks" / "results" / "edge_of_stability.json")
     )
     parser.add_argument("--plot", default=str(ROOT / "docs" / "edge_of_stability.png"))
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", default=DEFAULT_DEVICE)
     args = parser.parse_args()
     results = [
         run(float(lr), args.steps, device=args.device) for lr in args.lrs.split(",")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,7 +38,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lossgeom as lg  # noqa: E402
-from _machine import machine_facts  # noqa: E402
+from _machine import DEFAULT_DEVICE, machine_facts  # noqa: E402
+from _machine import timed as timed_on  # noqa: E402
 from lossgeom._io import atomic_write_json  # noqa: E402
 from lossgeom.measures import gradient_noise  # noqa: E402
 from lossgeom.zoo import digits  # noqa: E402
@@ -63,17 +63,8 @@ def make_objective() -> lg.Objective:
     return lg.Objective(model, nn.CrossEntropyLoss(), (X, y))
 
 
-def sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 def timed(fn):
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - t0, out
+    return timed_on(fn, DEVICE)
 
 
 def per_sample_loop(obj: lg.Objective) -> torch.Tensor:
@@ -91,9 +82,7 @@ def per_sample_loop(obj: lg.Objective) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", default=DEFAULT_DEVICE)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global DEVICE

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import lossgeom as lg
-from _machine import machine_facts
+from _machine import DEFAULT_DEVICE, machine_facts, timed
 from lossgeom._io import atomic_write_json
 from lossgeom.zoo import cifar_resnet, digits, mlp
 
@@ -50,19 +49,6 @@ def make_cases(device):
         "b_cnn_bn_digits": (DigitsCNN(), Xi, y),
         "c_resnet20_random128": (cifar_resnet(20, width=16), Xc, yc),
     }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def profile_split(fn):
@@ -111,7 +97,7 @@ def measure(name, model, X, y, device, repeats, profile=False):
     samples = {k: [] for k in tasks}
     for _ in range(repeats):  # interleaved, so load changes hit all alike
         for key, fn in tasks.items():
-            samples[key].append(timed(fn, device))
+            samples[key].append(timed(fn, device)[0])
     model.zero_grad(set_to_none=True)
     t = {k: statistics.median(s) for k, s in samples.items()}
     assert H.cached, "the benchmark expects the Hessian operator to keep its graph"
@@ -155,9 +141,7 @@ def measure(name, model, X, y, device, repeats, profile=False):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", default=DEFAULT_DEVICE)
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from _machine import machine_facts
+from _machine import DEFAULT_DEVICE, machine_facts, sync
 from lossgeom._io import atomic_write_json
 from lossgeom._results import jsonable
 from lossgeom.optim import KFAC
@@ -114,8 +114,7 @@ def run(problem: dict, data, kind: str, lr: float, seed: int, every: int) -> dic
         if not math.isfinite(loss.item()):
             break
         opt.step()
-        if X.is_cuda:
-            torch.cuda.synchronize(X.device)
+        sync(X.device)
         seconds += time.perf_counter() - start
         if step % every == 0:
             losses.append(full_loss(model, X, y))
@@ -141,9 +140,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--problems", default="a,b")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", default=DEFAULT_DEVICE)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -61,7 +61,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lossgeom as lg  # noqa: E402
-from _machine import machine_facts  # noqa: E402
+from _machine import DEFAULT_DEVICE, machine_facts, sync  # noqa: E402
 from lossgeom._io import atomic_write_json  # noqa: E402
 from lossgeom.geometry._evaluation import (  # noqa: E402
     EVALUATION_PATHS,
@@ -108,18 +108,13 @@ def make_case(name: str):
 DEVICE = torch.device("cpu")  # set by main()
 
 
-def sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 def best_of(fn, repeats=1):
     times, out = [], None
     for _ in range(repeats):
-        sync()
+        sync(DEVICE)
         t0 = time.perf_counter()
         out = fn()
-        sync()
+        sync(DEVICE)
         times.append(time.perf_counter() - t0)
     return min(times), out
 
@@ -328,9 +323,7 @@ def run_case(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", default=DEFAULT_DEVICE)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global DEVICE

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 import lossgeom as lg
-from _machine import machine_facts
+from _machine import DEFAULT_DEVICE, machine_facts, sync, timed
 from lossgeom._io import atomic_write_json
 from lossgeom.zoo import cifar_resnet, digits
 
@@ -149,11 +149,6 @@ def reference(name, model, X, y, loss_fn, k=5):
     assert res.all_converged, res.details["stopped"]
     kind = "lossgeom Lanczos float64, eigenvalue error bounds <= 1e-11 of the scale"
     return res.values.tolist(), None, kind
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_run(fn, repeats, device):
@@ -302,26 +297,23 @@ def run_case(key, args):
     # trace: PyHessian's Hutchinson at its defaults against lossgeom's
     counter = [0]
     with count_pyhessian_hvps(counter):
-        sync(device)
-        t = time.perf_counter()
-        tr = PyHessian(model, loss_fn, data=(X, y), cuda=cuda).trace()
-        sync(device)
+        # built inside the timing, as before: PyHessian's set-up is its gradient
+        sec, tr = timed(
+            lambda: PyHessian(model, loss_fn, data=(X, y), cuda=cuda).trace(), device
+        )
         row["pyhessian_trace"] = {
             "value": float(np.mean(tr)),
             "matvecs": counter[0],
-            "seconds": time.perf_counter() - t,
+            "seconds": sec,
             "abs_err": abs(float(np.mean(tr)) - trace_ref) if trace_ref else None,
         }
-    sync(device)
-    t = time.perf_counter()
-    tres = lg.trace(H, 100)
-    sync(device)
+    sec, tres = timed(lambda: lg.trace(H, 100), device)
     row["lossgeom_trace"] = {
         "value": tres.value,
         "stderr": tres.stderr,
         "method": tres.method,
         "matvecs": tres.cost.matvecs,
-        "seconds": time.perf_counter() - t,
+        "seconds": sec,
         "abs_err": abs(tres.value - trace_ref) if trace_ref else None,
         "within_2_stderr": abs(tres.value - trace_ref) <= 2 * tres.stderr
         if trace_ref
@@ -332,22 +324,15 @@ def run_case(key, args):
     counter[0] = 0
     with count_pyhessian_hvps(counter), torch_eig_patched():
         ph = PyHessian(model, loss_fn, data=(X, y), cuda=cuda)
-        sync(device)
-        t = time.perf_counter()
-        ph.density(iter=args.density_steps, n_v=args.density_probes)
-        sync(device)
-        row["pyhessian_density"] = {
-            "matvecs": counter[0],
-            "seconds": time.perf_counter() - t,
-        }
-    sync(device)
-    t = time.perf_counter()
-    dens = lg.density(H, args.density_probes, args.density_steps)
-    sync(device)
-    row["lossgeom_density"] = {
-        "matvecs": dens.cost.matvecs,
-        "seconds": time.perf_counter() - t,
-    }
+        sec, _ = timed(
+            lambda: ph.density(iter=args.density_steps, n_v=args.density_probes),
+            device,
+        )
+        row["pyhessian_density"] = {"matvecs": counter[0], "seconds": sec}
+    sec, dens = timed(
+        lambda: lg.density(H, args.density_probes, args.density_steps), device
+    )
+    row["lossgeom_density"] = {"matvecs": dens.cost.matvecs, "seconds": sec}
     row["density_probes_steps"] = [args.density_probes, args.density_steps]
     row["density_speedup_over_pyhessian"] = (
         row["pyhessian_density"]["seconds"] / row["lossgeom_density"]["seconds"]
@@ -396,9 +381,7 @@ def main():
     parser.add_argument("--pyhessian-top5", action="store_true")
     parser.add_argument("--density-probes", type=int, default=2)
     parser.add_argument("--density-steps", type=int, default=20)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", default=DEFAULT_DEVICE)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lossgeom as lg  # noqa: E402
-from _machine import machine_facts  # noqa: E402
+from _machine import DEFAULT_DEVICE, machine_facts  # noqa: E402
 from lossgeom._io import atomic_write_json  # noqa: E402
 
 DEVICE = "cpu"  # set by main()
@@ -59,9 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", default=DEFAULT_DEVICE)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     global DEVICE
