@@ -297,7 +297,7 @@ def run_case(key, args):
     # trace: PyHessian's Hutchinson at its defaults against lossgeom's
     counter = [0]
     with count_pyhessian_hvps(counter):
-        # built inside the timing, as before: PyHessian's set-up is its gradient
+        # PyHessian's set-up (its gradient with create_graph) is part of the time
         sec, tr = timed(
             lambda: PyHessian(model, loss_fn, data=(X, y), cuda=cuda).trace(), device
         )
