@@ -1,6 +1,7 @@
 """Cost against model size: what curvature costs relative to training, per model.
 
-Models (float32, eval mode, cross-entropy, one batch of 32 samples, 10 classes):
+Models (float32, or ``--dtype float64``; eval mode, cross-entropy, one batch of 32
+samples, 10 classes):
   * ``mlp-w32`` ... ``mlp-w2048``: ``zoo.mlp(64, 10, width=W)`` on the first 32
     sklearn digits (d = 2,410 to 153,610);
   * ``resnet20``, ``resnet56``: ``zoo.cifar_resnet(depth, width=16)`` and
@@ -43,7 +44,8 @@ same processes.
 
 Usage: python benchmarks/cost_curve.py [--sizes mlp-w32,...,resnet18] [--repeats 10]
 [--top5-max-d 1e6] [--top1-max-d inf] [--threads N] [--device cuda] [--out PATH]
-(rows of sizes not run are kept from the existing results file)
+[--dtype float64] (rows of other sizes and dtypes are kept from the existing
+results file; each row records its dtype)
 """
 
 from __future__ import annotations
@@ -82,11 +84,11 @@ BATCH = 32
 TOL = 1e-6
 
 
-def build(name, device):
+def build(name, device, dtype=torch.float32):
     """Model (eval mode), loss, data, objective, Hessian operator and a vector."""
     family, factory = SIZES[name]
     torch.manual_seed(0)
-    model = factory().to(device).eval()
+    model = factory().to(device, dtype).eval()
     if family == "mlp":
         X, y = digits("train")
         X, y = X[:BATCH], y[:BATCH]
@@ -94,11 +96,11 @@ def build(name, device):
         gen = torch.Generator().manual_seed(0)
         X = torch.randn(BATCH, 3, 32, 32, generator=gen)
         y = torch.randint(0, 10, (BATCH,), generator=gen)
-    X, y = X.to(device), y.to(device)
+    X, y = X.to(device, dtype), y.to(device)
     loss_fn = nn.CrossEntropyLoss()
     obj = lg.Objective(model, loss_fn, (X, y))
     gen = torch.Generator(device=device).manual_seed(1)
-    v = torch.randn(obj.dim, generator=gen, device=device)
+    v = torch.randn(obj.dim, generator=gen, device=device, dtype=dtype)
     return model, loss_fn, X, y, obj, lg.hessian(obj), v
 
 
@@ -147,10 +149,10 @@ class PeakMeter:
         return max(peak - self.base, 0)
 
 
-def measure_child(name, device, what, threads):
+def measure_child(name, device, what, threads, dtype="float32"):
     """In a fresh process: peak memory (and for eigenvalues, cost) of ``what``."""
     torch.set_num_threads(threads)
-    device = torch.device(device)
+    device, dtype = torch.device(device), getattr(torch, dtype)
 
     def operations(model, loss_fn, X, y, obj, H, v):
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -167,14 +169,14 @@ def measure_child(name, device, what, threads):
             "top1": lambda: lg.eigenvalues(H, 1, tol=TOL, criterion="value"),
         }
 
-    warm = operations(*build(name, device))  # one-time set-up: threads, kernels
+    warm = operations(*build(name, device, dtype))  # one-time set-up: threads, kernels
     warm["train_step"]()
     warm["hvp"]()
     del warm
     gen = torch.Generator(device=device).manual_seed(2)
-    A = torch.randn(300, 300, generator=gen, device=device)
+    A = torch.randn(300, 300, generator=gen, device=device, dtype=dtype)
     lg.eigenvalues(DenseOperator(A + A.T), 5, tol=TOL, criterion="value")  # warm-up
-    ops = operations(*build(name, device))
+    ops = operations(*build(name, device, dtype))
     meter = PeakMeter(device)
     meter.start()
     t = time.perf_counter()
@@ -192,16 +194,16 @@ def measure_child(name, device, what, threads):
     return out
 
 
-def in_child(name, device, what):
+def in_child(name, device, what, dtype):
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        args = (name, str(device), what, torch.get_num_threads())
+        args = (name, str(device), what, torch.get_num_threads(), dtype)
         return pool.submit(measure_child, *args).result()
 
 
-def time_products(name, device, repeats):
+def time_products(name, device, repeats, dtype):
     """Medians of interleaved gradients and HVPs, in this process."""
-    model, loss_fn, X, y, obj, H, v = build(name, device)
+    model, loss_fn, X, y, obj, H, v = build(name, device, getattr(torch, dtype))
 
     def plain_backward():
         model.zero_grad(set_to_none=True)
@@ -228,12 +230,13 @@ def measure(name, device, args):
     start = time.perf_counter()
     d = sum(p.numel() for p in SIZES[name][1]().parameters())
     repeats = args.repeats if d <= 1e6 else min(args.repeats, 3)
-    d, t, cached, graph_bytes = time_products(name, device, repeats)
-    train = in_child(name, device, "train_step")
-    hvp = in_child(name, device, "hvp")
+    d, t, cached, graph_bytes = time_products(name, device, repeats, args.dtype)
+    train = in_child(name, device, "train_step", args.dtype)
+    hvp = in_child(name, device, "hvp", args.dtype)
     row = {
         "model": name,
         "family": SIZES[name][0],
+        "dtype": args.dtype,
         "d": d,
         "batch": BATCH,
         "grad_seconds": t["grad"],
@@ -247,7 +250,7 @@ def measure(name, device, args):
     }
     eig = {}
     for k, limit in ((5, args.top5_max_d), (1, args.top1_max_d)):
-        e = in_child(name, device, f"top{k}") if d <= limit else None
+        e = in_child(name, device, f"top{k}", args.dtype) if d <= limit else None
         eig[k] = e
         row[f"top{k}_matvecs"] = e and e["matvecs"]
         row[f"top{k}_seconds"] = e and e["seconds"]
@@ -277,7 +280,7 @@ def fmt(x, spec):
 def print_row(r):
     mib = 2.0**20
     print(
-        f"{r['model']:10} {r['d']:>10,} | grad {r['grad_seconds'] * 1e3:8.1f} ms "
+        f"{r['model']:10} {r['dtype']:7} {r['d']:>10,} | grad {r['grad_seconds'] * 1e3:8.1f} ms "
         f"HVP/grad {r['hvp_over_grad']:5.2f} (obj.hvp {r['hvp_objective_over_grad']:5.2f})"
         f" | top5 {fmt(r['top5_matvecs'], '>4')} HVP {fmt(r['top5_seconds'], '7.1f')} s"
         f" | top1 {fmt(r['top1_matvecs'], '>4')} HVP {fmt(r['top1_seconds'], '7.1f')} s"
@@ -290,17 +293,22 @@ def print_row(r):
 
 
 def write(out, rows, device):
-    done = {r["model"] for r in rows}
+    done = {(r["model"], r["dtype"]) for r in rows}
     kept = []
-    if out.is_file():  # keep the other sizes' rows (each row has its own date)
+    if out.is_file():  # keep the other rows (each row has its own date)
         old = json.loads(out.read_text())["results"]
-        kept = [r for r in old if r["model"] not in done]
+        for r in old:  # rows without a dtype were all measured in float32
+            r.setdefault("dtype", "float32")
+        kept = [r for r in old if (r["model"], r["dtype"]) not in done]
     order = list(SIZES)
     rows = sorted(
         kept + rows,
-        key=lambda r: order.index(r["model"]) if r["model"] in order else len(order),
+        key=lambda r: (
+            order.index(r["model"]) if r["model"] in order else len(order),
+            r["dtype"] != "float32",
+        ),
     )
-    machine = machine_facts(device, dtype="float32")
+    machine = machine_facts(device, dtype="per row (each row's dtype)")
     for r in rows:
         r.setdefault("date", machine["date"])
     atomic_write_json(
@@ -316,6 +324,7 @@ def main():
     parser.add_argument("--top1-max-d", type=float, default=math.inf)
     parser.add_argument("--device", default=DEFAULT_DEVICE)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:

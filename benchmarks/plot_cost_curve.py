@@ -3,7 +3,9 @@
 Three panels against the number of parameters d (log axes): the time of one HVP
 over one gradient; the products the top-5 (and top-1) eigenvalues take to
 tol 1e-6; the peak memory of one HVP and of the eigenvalue run over one training
-step. MLPs on digits and ResNets at CIFAR size are separate series.
+step. MLPs on digits and ResNets at CIFAR size are separate series of float32
+rows; rows measured in float64 (``cost_curve.py --dtype float64``) are drawn as
+separate points on the products panel.
 
 Usage: python benchmarks/plot_cost_curve.py [--results PATH] [--out docs/cost_curve.png]
 """
@@ -66,7 +68,9 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "docs/cost_curve.png"))
     args = parser.parse_args()
     data = json.loads(Path(args.results).read_text())
-    rows = data["results"]
+    # the lines are float32; float64 rows (--dtype float64) are extra points
+    rows = [r for r in data["results"] if r.get("dtype", "float32") == "float32"]
+    wide = [r for r in data["results"] if r.get("dtype", "float32") == "float64"]
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharex=True)
     ax = axes[0]
@@ -79,6 +83,17 @@ def main():
     ax = axes[1]
     series(ax, rows, "top5_matvecs", "-", "top 5", converged="top5_converged")
     series(ax, rows, "top1_matvecs", "--", "top 1", False, "top1_converged")
+    for k, marker in (("top5", "D"), ("top1", "v")):
+        pts = [(r["d"], r[f"{k}_matvecs"]) for r in wide if r.get(f"{k}_matvecs")]
+        if pts:
+            ax.plot(
+                *zip(*pts, strict=True),
+                marker,
+                color="black",
+                markerfacecolor="white",
+                ls="none",
+                label=f"{k.replace('top', 'top ')}, float64",
+            )
     ax.plot([], [], "kx", label="stopped short of tol (converged false)")
     ax.set_ylabel("Hessian-vector products to tol 1e-6")
     ax.set_title("Products for the top eigenvalues")
@@ -99,7 +114,7 @@ def main():
         ax.legend(fontsize=7)
     fig.suptitle(
         f"What curvature costs against model size ({device_label(data['machine'])}, "
-        f"batch 32, float32)"
+        f"batch 32, float32{', float64 points' if wide else ''})"
     )
     fig.tight_layout()
     out = Path(args.out)

@@ -14,8 +14,8 @@ Measured in the same run, seconds per grid point:
     floor for exact evaluation of a point that shares nothing with other points;
     the best single pass of 5, and 441 passes back to back (one pass per point,
     timed over as long as a plane takes, like the methods);
-  - activations alone: the model's ``Tanh``/``ReLU`` modules on tensors of the
-    shapes they see, as many points at once as lossgeom evaluates together: a
+  - activations alone: every ``tanh``/``relu`` the model calls (modules or
+    functions) on tensors of the shapes they see, as many points at once as lossgeom evaluates together: a
     floor for any exact evaluation, whatever it shares;
   - lossgeom: ``lg.slice_2d``, which shares the first layer's work across the
     plane's points when the model allows (``lossgeom.geometry._shared_layer``);
@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -141,29 +142,51 @@ def bare_forward_sustained(model, X, y, loss_fn, n):
     return t / n
 
 
-def activations_alone(model, X, chunk):
-    """Seconds per point of the model's activation modules alone.
+# the elementwise activations a model may call, as modules or functions
+ACTIVATIONS = {
+    torch.tanh: torch.tanh,
+    torch.nn.functional.tanh: torch.tanh,
+    torch.Tensor.tanh: torch.tanh,
+    torch.relu: torch.relu,
+    torch.relu_: torch.relu,
+    torch.nn.functional.relu: torch.relu,
+    torch.Tensor.relu: torch.relu,
+    torch.Tensor.relu_: torch.relu,
+}
 
-    Each ``Tanh``/``ReLU`` module applied to a tensor of the shape it sees, for
-    ``chunk`` points at once as lossgeom evaluates them: a floor below which no
-    exact evaluation of a point goes, whatever it shares.
+
+class RecordActivations(TorchFunctionMode):
+    """Record the input shape of every activation call (module or function)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in ACTIVATIONS and args and isinstance(args[0], torch.Tensor):
+            self.calls.append((ACTIVATIONS[func], args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def activations_alone(model, X, chunk):
+    """Seconds per point of the model's activations alone.
+
+    Every ``tanh``/``relu`` the forward pass calls (``nn.Tanh``/``nn.ReLU``
+    modules and the functions alike), applied out of place to a tensor of the
+    shape it sees, for ``chunk`` points at once as lossgeom evaluates them: a
+    floor below which no exact evaluation of a point goes, whatever it shares.
     """
-    shapes = []
-    hooks = [
-        m.register_forward_hook(lambda m, i, o: shapes.append((m, i[0].shape)))
-        for m in model.modules()
-        if isinstance(m, (nn.Tanh, nn.ReLU))
-    ]
-    with torch.no_grad():
+    recorder = RecordActivations()
+    with torch.no_grad(), recorder:
         model(X)
-    for h in hooks:
-        h.remove()
-    inputs = [(m, torch.randn(chunk, *shape, device=X.device)) for m, shape in shapes]
+    inputs = [
+        (f, torch.randn(chunk, *shape, device=X.device)) for f, shape in recorder.calls
+    ]
 
     def run():
         with torch.no_grad():
-            for m, x in inputs:
-                m(x)
+            for f, x in inputs:
+                f(x)
 
     run()
     t, _ = best_of(run, repeats=5)

@@ -435,7 +435,7 @@ def cost_curve_rows(data: dict) -> list[Row]:
     rows = cases(data, "results")
     values = [v for r in rows if (v := _hvp_over_grad(r)) is not None]
     measured = (
-        f"{min(values):.2f}x to {max(values):.2f}x over {len(values)} models "
+        f"{min(values):.2f}x to {max(values):.2f}x over {len(values)} rows "
         "(table below)"
         if values
         else NA
@@ -472,8 +472,12 @@ def cost_curve_table(name: str, data: dict) -> list[str]:
     for r in cases(data, "results"):
         model = get(r, "model") or NA
         family = get(r, "family")
+        dtype = get(r, "dtype")
+        kind = ", ".join(
+            str(x) for x in (family, dtype if dtype != "float32" else None) if x
+        )
         cells = [
-            f"{model} ({family})" if family else str(model),
+            f"{model} ({kind})" if kind else str(model),
             count(r.get("d")),
             count(r.get("batch")),
             ratio(_hvp_over_grad(r)),

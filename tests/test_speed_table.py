@@ -110,6 +110,15 @@ def results(tmp_path: Path) -> Path:
                     "repeats": 3,
                 },
                 {"model": "vit", "family": "vit", "d": 999, "hvp_over_grad": 3.5},
+                {
+                    "model": "mlp_small",
+                    "family": "mlp",
+                    "dtype": "float64",
+                    "d": 12345,
+                    "hvp_over_grad": 2.25,
+                    "top5_matvecs": 90,
+                    "top5_converged": True,
+                },
             ],
         },
     )
@@ -132,7 +141,7 @@ def test_synthetic_results_give_their_numbers(results):
     assert "≤ 1.3x: met by `cheap`" in callbacks
     noise = row(table, "`gradient_noise_cpu.json`", "one full-data gradient")
     assert "cnn 4.44x (2.00x)" in noise and "≤ 3x: not met" in noise
-    assert "2.00x to 3.50x over 2 models" in row(
+    assert "2.00x to 3.50x over 3 rows" in row(
         table, "`cost_curve_cuda.json`", "across model sizes"
     )
     model = row(table, "| mlp_small (mlp) |")
@@ -140,6 +149,8 @@ def test_synthetic_results_give_their_numbers(results):
     assert "77, 20.0x (not converged)" in model  # 10 s / 0.5 s
     assert "11, 3.0x |" in model
     assert "2.50x, n/a" in model  # eigen memory is null
+    wide = row(table, "| mlp_small (mlp, float64) |")
+    assert "| 2.25x | 90, n/a |" in wide
     machine = row(table, "`hvp_cpu.json`", "Synthetic CPU")
     assert "| 4 (3) | 9.9.9+cpu | 2031-02-03 |" in machine
     assert "Synthetic CPU; Synthetic GPU" in row(table, "Synthetic GPU")
