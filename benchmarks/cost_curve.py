@@ -84,9 +84,13 @@ BATCH = 32
 TOL = 1e-6
 
 
-def build(name, device, dtype=torch.float32):
-    """Model (eval mode), loss, data, objective, Hessian operator and a vector."""
+def build(name, device, dtype):
+    """Model (eval mode), loss, data, objective, Hessian operator and a vector.
+
+    ``dtype``: "float32" or "float64", for the model, the inputs and the vector.
+    """
     family, factory = SIZES[name]
+    dtype = getattr(torch, dtype)
     torch.manual_seed(0)
     model = factory().to(device, dtype).eval()
     if family == "mlp":
@@ -149,10 +153,10 @@ class PeakMeter:
         return max(peak - self.base, 0)
 
 
-def measure_child(name, device, what, threads, dtype="float32"):
+def measure_child(name, device, what, threads, dtype):
     """In a fresh process: peak memory (and for eigenvalues, cost) of ``what``."""
     torch.set_num_threads(threads)
-    device, dtype = torch.device(device), getattr(torch, dtype)
+    device = torch.device(device)
 
     def operations(model, loss_fn, X, y, obj, H, v):
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -174,7 +178,7 @@ def measure_child(name, device, what, threads, dtype="float32"):
     warm["hvp"]()
     del warm
     gen = torch.Generator(device=device).manual_seed(2)
-    A = torch.randn(300, 300, generator=gen, device=device, dtype=dtype)
+    A = torch.randn(300, 300, generator=gen, device=device, dtype=getattr(torch, dtype))
     lg.eigenvalues(DenseOperator(A + A.T), 5, tol=TOL, criterion="value")  # warm-up
     ops = operations(*build(name, device, dtype))
     meter = PeakMeter(device)
@@ -203,7 +207,7 @@ def in_child(name, device, what, dtype):
 
 def time_products(name, device, repeats, dtype):
     """Medians of interleaved gradients and HVPs, in this process."""
-    model, loss_fn, X, y, obj, H, v = build(name, device, getattr(torch, dtype))
+    model, loss_fn, X, y, obj, H, v = build(name, device, dtype)
 
     def plain_backward():
         model.zero_grad(set_to_none=True)

@@ -15,8 +15,9 @@ Measured in the same run, seconds per grid point:
     the best single pass of 5, and 441 passes back to back (one pass per point,
     timed over as long as a plane takes, like the methods);
   - activations alone: every ``tanh``/``relu`` the model calls (modules or
-    functions) on tensors of the shapes they see, as many points at once as lossgeom evaluates together: a
-    floor for any exact evaluation, whatever it shares;
+    functions) on tensors of the shapes they see, as many points at once as
+    lossgeom evaluates together: a floor for any exact evaluation, whatever it
+    shares;
   - lossgeom: ``lg.slice_2d``, which shares the first layer's work across the
     plane's points when the model allows (``lossgeom.geometry._shared_layer``);
     the path it took is recorded;

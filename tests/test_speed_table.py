@@ -141,7 +141,7 @@ def test_synthetic_results_give_their_numbers(results):
     assert "≤ 1.3x: met by `cheap`" in callbacks
     noise = row(table, "`gradient_noise_cpu.json`", "one full-data gradient")
     assert "cnn 4.44x (2.00x)" in noise and "≤ 3x: not met" in noise
-    assert "2.00x to 3.50x over 3 rows" in row(
+    assert "2.00x to 3.50x over 2 float32 models" in row(
         table, "`cost_curve_cuda.json`", "across model sizes"
     )
     model = row(table, "| mlp_small (mlp) |")
